@@ -1,0 +1,436 @@
+"""Tests for model.py: golden compatibility with the official Aria code, KV cache,
+checkpoint I/O and training-path details. CPU only, a few seconds."""
+import json
+import os
+import shutil
+import subprocess
+import sys
+import types
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+import model as M  # noqa: E402
+
+SHARED = ROOT.parent / "shared"
+GOLDEN = SHARED / "aria" / "golden" / "model"
+ATOL = 1e-5
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    # tiny matrices: OpenMP spin-waiting makes 2 threads far slower on a busy 2-core box
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def golden(name):
+    if not GOLDEN.is_dir():
+        pytest.skip("../shared (golden model files) not available")
+    io = np.load(GOLDEN / f"{name}_io.npz")
+    return GOLDEN / f"{name}.safetensors", {k: torch.from_numpy(io[k]) for k in io.files}
+
+
+def close(a, b, atol=ATOL):
+    assert a.shape == b.shape, (a.shape, b.shape)
+    err = (a.float() - b.float()).abs().max().item()
+    assert err <= atol, f"max abs error {err}"
+
+
+def tiny_cfg(**kw):
+    return M.ModelConfig(**{**dict(d_model=64, n_heads=4, n_layers=2, max_seq_len=256, vocab_size=97), **kw})
+
+
+def random_model(heads=("lm",), seed=0, **kw):
+    torch.manual_seed(seed)
+    return M.Aria(tiny_cfg(**kw), heads).eval()
+
+
+# -----------------------------------------------------------------------------
+# golden checkpoints from the official code
+
+
+@torch.no_grad()
+def test_golden_lm():
+    path, io = golden("lm_tiny")
+    m = M.load_model(path)
+    assert m.heads == ("lm",) and not m.training
+    close(m(io["input_ids"]), io["logits"])
+    close(m.hidden(io["input_ids"]), io["hidden"])
+
+
+@pytest.mark.parametrize("name,all_key,eos_key", [("emb_tiny", "emb_all", "emb_at_eos"),
+                                                   ("cl_tiny", "logits_all", "logits_at_eos")])
+@torch.no_grad()
+def test_golden_emb_and_cls(name, all_key, eos_key):
+    path, io = golden(name)
+    m = M.load_model(path)
+    assert m.heads == (("emb",) if name == "emb_tiny" else ("cls",))
+    close(m(io["input_ids"]), io[all_key])
+    close(m(io["input_ids"], out_pos=io["eos_pos"]), io[eos_key])
+    if name == "emb_tiny":  # causal: padding after <E> changes nothing
+        n = io["eos_pos"][0].item() + 1
+        close(m(io["input_ids"][:1, :n])[0, -1], io["emb_row0_unpadded_last"])
+
+
+@torch.no_grad()
+def test_golden_lm_cnd():
+    path, io = golden("lm_cnd_tiny")
+    m = M.load_model(path)
+    assert m.heads == ("lm", "adapter") and m.config.emb_size == 32
+    close(m(io["input_ids"], emb=io["cond_emb"]), io["logits_with_emb"])
+    close(m(io["input_ids"]), io["logits_without_emb"])
+
+
+@torch.no_grad()
+def test_golden_inferred_config(tmp_path):
+    # no JSON beside the weights: architecture from tensor shapes. The head count
+    # cannot be read from weights (64-wide heads are assumed, the golden tiny
+    # models use 16-wide ones), so it is passed explicitly.
+    path, io = golden("lm_cnd_tiny")
+    shutil.copy(path, tmp_path / "w.safetensors")
+    with pytest.warns(UserWarning, match="64-wide heads"):
+        guessed = M.load_model(tmp_path / "w.safetensors")
+    ref = json.loads((GOLDEN / "lm_cnd_tiny.json").read_text())
+    for k in ("d_model", "n_layers", "ff_mult", "vocab_size", "emb_size"):
+        assert getattr(guessed.config, k) == ref[k], k
+    assert guessed.config.n_heads == 1 and guessed.heads == ("lm", "adapter")
+    m = M.load_model(tmp_path / "w.safetensors", n_heads=4)
+    close(m(io["input_ids"], emb=io["cond_emb"]), io["logits_with_emb"])
+    shutil.copy(GOLDEN / "cl_tiny.safetensors", tmp_path / "model.safetensors")
+    c = M.load_model(tmp_path, n_heads=4)  # folder -> model.safetensors; n_heads given: no warning
+    assert c.heads == ("cls",) and c.config.class_size == 4
+
+
+def test_medium_state_dict_matches_official():
+    if not GOLDEN.is_dir():
+        pytest.skip("../shared not available")
+    ref = json.loads((GOLDEN / "medium_state_dict_shapes.json").read_text())
+    med = M.PRESETS["medium"]
+    builds = {"TransformerLM": (med, ("lm",)),
+              "TransformerEMB": (M.ModelConfig(**{**vars(med), "emb_size": 512}), ("emb",)),
+              "TransformerCL": (M.ModelConfig(**{**vars(med), "class_size": 2}), ("cls",)),
+              "TransformerLM_CND": (M.ModelConfig(**{**vars(med), "emb_size": 512}), ("lm", "adapter")),
+              "model_cuda.TransformerLM": (M.ModelConfig(**{**vars(med), "emb_size": 512}), ("lm", "adapter"))}
+    assert len(ref) == len(builds)
+    for name, entry in ref.items():
+        cfg, heads = builds[name.split(" ")[0]]
+        with torch.device("meta"):
+            m = M.Aria(cfg, heads)
+        got = {k: list(v.shape) for k, v in m.state_dict().items()}
+        assert got == entry["keys"], name
+        assert m.num_params() == entry["num_params"], name
+    with torch.device("meta"):
+        assert M.Aria(med).num_params() == 658_538_496
+
+
+# -----------------------------------------------------------------------------
+# KV cache
+
+
+@torch.no_grad()
+def test_kv_cache_right_padded_batch():
+    m = random_model()
+    lens, n_new, pad = [5, 9, 3], 6, 2
+    torch.manual_seed(1)
+    seqs = torch.randint(3, 97, (3, max(lens) + n_new))
+    full = m(seqs)  # (3, T, V): reference, one row per sequence (causal, so rows are independent)
+    prompt = torch.full((3, max(lens)), pad)
+    for b, n in enumerate(lens):
+        prompt[b, :n] = seqs[b, :n]
+    m.setup_cache(3, 32)
+    out = m(prompt, input_pos=torch.arange(max(lens)))  # prefill, shared positions
+    for b, n in enumerate(lens):
+        close(out[b, :n], full[b, :n])
+    last = m(prompt, input_pos=torch.arange(max(lens)).expand(3, -1), out_pos=torch.tensor(lens) - 1)
+    close(last, full[torch.arange(3), torch.tensor(lens) - 1])  # re-prefill with (B, T) positions
+    pos = torch.tensor(lens)
+    for step in range(n_new):  # decode: each row at its own position; pad slots get overwritten
+        tok = seqs[torch.arange(3), pos][:, None]  # (B, 1)
+        out = m(tok, input_pos=pos[:, None])
+        close(out[:, 0], full[torch.arange(3), pos])
+        pos = pos + 1
+    m.clear_cache()
+    with pytest.raises(RuntimeError, match="setup_cache"):
+        m(tok, input_pos=pos[:, None])
+
+
+@torch.no_grad()
+def test_kv_cache_golden_lm():
+    path, io = golden("lm_tiny")
+    m = M.load_model(path)
+    ids = io["input_ids"]
+    m.setup_cache(2, 40)
+    outs = [m(ids[:, :20], input_pos=torch.arange(20))]
+    for t in range(20, 40):
+        outs.append(m(ids[:, t:t + 1], input_pos=torch.tensor([t])))
+    close(torch.cat(outs, 1), io["logits"])
+
+
+@torch.no_grad()
+def test_kv_cache_golden_lm_cnd_and_cfg_rows():
+    path, io = golden("lm_cnd_tiny")
+    m = M.load_model(path)
+    ids, cond = io["input_ids"], io["cond_emb"]
+    m.setup_cache(2, 16)
+    m.fill_condition(cond)  # slot 0; tokens at 1..
+    outs = [m(ids[:, :8], input_pos=torch.arange(1, 9))]
+    for t in range(8, 15):
+        outs.append(m(ids[:, t:t + 1], input_pos=torch.tensor([t + 1])))
+    close(torch.cat(outs, 1), io["logits_with_emb"])
+    # classifier-free guidance layout: row 1 cannot see slot 0 -> unconditioned LM
+    m.setup_cache(2, 16)
+    m.fill_condition(cond, use_cond=torch.tensor([True, False]))
+    out = m(ids[:, :15], input_pos=torch.arange(1, 16))
+    close(out[0], io["logits_with_emb"][0])
+    close(out[1], io["logits_without_emb"][1, :15])
+
+
+def test_compile_fullgraph_no_graph_breaks():
+    # backend="eager" checks tracing (no graph breaks, no .item()) without a C++ toolchain
+    torch._dynamo.reset()
+    m = random_model(grad_checkpoint=True).train()
+    ids = torch.randint(0, 97, (2, 16))
+    fwd = torch.compile(m, backend="eager", fullgraph=True)
+    close(fwd(ids), m(ids))
+    m.eval()
+    m.setup_cache(2, 32)
+    with torch.no_grad():
+        m(ids, input_pos=torch.arange(16))
+        ref = m(ids[:, -1:], input_pos=torch.tensor([[16], [16]]))
+        m(ids, input_pos=torch.arange(16))
+        step = torch.compile(m, backend="eager", fullgraph=True)
+        close(step(ids[:, -1:], input_pos=torch.tensor([[16], [16]])), ref)
+    torch._dynamo.reset()
+
+
+# -----------------------------------------------------------------------------
+# checkpoints
+
+
+def test_save_load_roundtrip_and_extra_state(tmp_path):
+    m = random_model(heads=("lm", "adapter"), emb_size=8)
+    opt = M.configure_optimizer(m, lr=1e-3)
+    ids = torch.randint(0, 97, (2, 12))
+    m.train()
+    m(ids).float().mean().backward()
+    opt.step()
+    m.eval()
+    M.save_checkpoint(tmp_path / "run" / "ckpt.pt", torch.compile(m, backend="eager"), step=7,
+                      optimizer=opt.state_dict(), rng=torch.get_rng_state(), args={"lr": 1e-3})
+    assert not list((tmp_path / "run").glob("*.tmp"))
+    ck = M.load_checkpoint(tmp_path / "run")
+    assert set(ck) >= {"model", "config", "heads", "vocab_hash", "step", "optimizer", "rng", "args"}
+    assert not any("_orig_mod" in k for k in ck["model"]) and ck["step"] == 7
+    opt.load_state_dict(ck["optimizer"])
+    m2 = M.load_model(tmp_path / "run")
+    assert m2.heads == ("lm", "adapter") and m2.config == m.config
+    emb = torch.randn(2, 8)
+    with torch.no_grad():
+        assert torch.equal(m2(ids), m(ids)) and torch.equal(m2(ids, emb=emb), m(ids, emb=emb))
+    with pytest.raises(TypeError, match="weights_only"):
+        M.save_checkpoint(tmp_path / "x.pt", m, rng=np.zeros(3))
+    with pytest.raises(ValueError, match="reserved"):
+        M.save_checkpoint(tmp_path / "x.pt", m, config={})
+
+
+def test_vocab_hash_saved_and_checked(tmp_path, monkeypatch):
+    fake = types.ModuleType("tokenizer")
+    fake.VOCAB_HASH = "aaaa"
+    monkeypatch.setitem(sys.modules, "tokenizer", fake)
+    m = random_model()
+    M.save_checkpoint(tmp_path / "a.pt", m)
+    assert M.load_checkpoint(tmp_path / "a.pt")["vocab_hash"] == "aaaa"
+    fake.VOCAB_HASH = "bbbb"
+    with pytest.warns(UserWarning, match="vocabulary hash"):
+        M.load_model(tmp_path / "a.pt")
+
+
+def test_export_safetensors_roundtrip(tmp_path):
+    pytest.importorskip("safetensors")
+    m = random_model(heads=("cls",), class_size=3, vocab_size=M.VOCAB_SIZE)
+    M.export_safetensors(m, tmp_path / "cl.safetensors")
+    cfg = json.loads((tmp_path / "cl.json").read_text())
+    assert cfg == {k: v for k, v in vars(m.config).items() if v is not None}
+    from safetensors.torch import load_file
+    sd = load_file(str(tmp_path / "cl.safetensors"))
+    assert set(sd) == set(m.state_dict()) and all(M._KEY_RE.fullmatch(k) for k in sd)
+    m2 = M.load_model(tmp_path / "cl.safetensors")
+    ids = torch.randint(0, 97, (2, 20))
+    with torch.no_grad():
+        assert torch.equal(m2(ids), m(ids))
+
+
+def test_resolve_checkpoint(tmp_path):
+    with pytest.raises(M.CheckpointError, match="cannot pick"):
+        M.resolve_checkpoint(tmp_path)
+    (tmp_path / "a.safetensors").write_bytes(b"")
+    assert M.resolve_checkpoint(tmp_path).name == "a.safetensors"
+    (tmp_path / "b.safetensors").write_bytes(b"")
+    with pytest.raises(M.CheckpointError, match="2 .safetensors"):
+        M.resolve_checkpoint(tmp_path)
+    (tmp_path / "model.safetensors").write_bytes(b"")
+    assert M.resolve_checkpoint(tmp_path).name == "model.safetensors"
+    for i, name in enumerate(["step2.pt", "step1.pt"]):  # newest by mtime, not by name
+        (tmp_path / name).write_bytes(b"")
+        os.utime(tmp_path / name, (1000 + i, 1000 + i))
+    assert M.resolve_checkpoint(tmp_path).name == "step1.pt"
+    (tmp_path / "ckpt.pt").write_bytes(b"")
+    os.utime(tmp_path / "ckpt.pt", (10, 10))
+    assert M.resolve_checkpoint(tmp_path).name == "ckpt.pt"
+    assert M.resolve_checkpoint(tmp_path / "b.safetensors").name == "b.safetensors"
+
+
+class Evil:  # a custom class: weights_only loading must refuse it
+    pass
+
+
+def test_bad_checkpoints_raise_checkpoint_error(tmp_path):
+    pytest.importorskip("safetensors")
+    from safetensors.torch import save_file
+    (tmp_path / "random.pt").write_bytes(np.random.default_rng(0).bytes(4096))
+    (tmp_path / "notes.txt").write_text("not a checkpoint\n")
+    (tmp_path / "song.mid").write_bytes(b"MThd\x00\x00\x00\x06\x00\x00\x00\x01\x01\xe0MTrk\x00\x00\x00\x00")
+    torch.save({"model": {"w": torch.zeros(2)}, "evil": Evil()}, tmp_path / "evil.pt")
+    m = random_model(vocab_size=100)
+    sd = {k: v.contiguous() for k, v in m.state_dict().items()}
+    save_file(sd, str(tmp_path / "vocab100.safetensors"))  # no config: vocab checked against 17727
+    (tmp_path / "cfg").mkdir()
+    save_file(sd, str(tmp_path / "cfg" / "w.safetensors"))  # config.json beside says 17727
+    (tmp_path / "cfg" / "config.json").write_text(json.dumps({**vars(m.config), "vocab_size": M.VOCAB_SIZE}))
+    partial = dict(sd)
+    del partial["model.encode_layers.1.ff_up_proj.weight"]
+    torch.save({"model": partial, "config": vars(m.config)}, tmp_path / "partial.pt")
+    extra = {**sd, "model.encode_layers.5.norm1.weight": torch.zeros(64)}
+    torch.save({"model": extra, "config": vars(m.config)}, tmp_path / "extra.pt")
+    torch.save({"model": sd, "config": {**vars(m.config), "d_model": 32}}, tmp_path / "shape.pt")
+    torch.save({"step": 3}, tmp_path / "nomodel.pt")
+    cases = {"missing.pt": "no such file", "random.pt": "not a checkpoint", "notes.txt": "not a checkpoint",
+             "song.mid": "not a checkpoint", "evil.pt": "weights_only", "vocab100.safetensors": "vocabulary size",
+             "cfg/w.safetensors": "vocabulary size", "partial.pt": "missing tensors",
+             "extra.pt": "unexpected tensors", "shape.pt": "shape", "nomodel.pt": "no 'model'"}
+    for name, msg in cases.items():
+        with pytest.raises(M.CheckpointError, match=msg) as e:
+            M.load_model(tmp_path / name)
+        assert "\n" not in str(e.value) and Path(name).name in str(e.value)
+    M.load_model(tmp_path / "extra.pt", strict=False)  # strict=False tolerates unknown tensors only
+
+
+def test_prefixed_keys_load(tmp_path):
+    m = random_model()
+    sd = m.state_dict()
+    for prefix in ("_orig_mod.", "module."):
+        torch.save({"model": {prefix + k: v for k, v in sd.items()}, "config": vars(m.config)}, tmp_path / "p.pt")
+        m2 = M.load_model(tmp_path / "p.pt")
+        assert all(torch.equal(a, b) for a, b in zip(m2.state_dict().values(), sd.values()))
+
+
+@torch.no_grad()
+def test_load_pretrained_lm_into_new_heads(tmp_path):
+    path, io = golden("lm_tiny")
+    torch.manual_seed(0)
+    e = M.load_model(path, heads=("emb",), emb_size=16, resid_dropout=0.2)
+    assert e.heads == ("emb",) and e.emb_head.weight.shape == (16, 64)
+    assert e.emb_head.weight.std() > 0 and e.model.encode_layers[1].dropout.p == 0.2
+    e.eval()
+    close(e.hidden(io["input_ids"]), io["hidden"])  # trunk loaded exactly
+    assert e(io["input_ids"]).shape == (2, 40, 16)
+    c = M.load_model(path, heads=("cls",), class_size=5)
+    assert c(io["input_ids"], out_pos=torch.tensor([3, 39])).shape == (2, 5)
+    cnd = M.load_model(path, heads=("lm", "adapter"), emb_size=32)
+    close(cnd(io["input_ids"]), io["logits"])
+
+
+def test_set_head():
+    m = random_model()
+    m.set_head("adapter", 8)
+    assert m.heads == ("lm", "adapter") and m.default_head == "lm"
+    m.set_head("emb", 8, keep_others=True)
+    assert m.heads == ("lm", "emb", "adapter") and m.default_head == "lm"
+    m.set_head("cls", 4)
+    assert m.heads == ("cls",) and m.default_head == "cls" and m.config.class_size == 4
+    ids = torch.randint(0, 97, (2, 5))
+    assert m(ids).shape == (2, 5, 4)
+    with pytest.raises(ValueError):
+        m(ids, head="lm")
+
+
+@torch.no_grad()
+def test_bf16_load_keeps_rope_float32():
+    path, io = golden("lm_tiny")
+    m = M.load_model(path, dtype=torch.bfloat16)
+    assert m.model.rope.cos.dtype == torch.float32 and m.lm_head.weight.dtype == torch.bfloat16
+    assert "model.rope.cos" not in m.state_dict()
+    close(m(io["input_ids"]), io["logits"], atol=0.1)
+
+
+def test_import_without_safetensors(tmp_path):
+    code = ("import sys; sys.modules['safetensors'] = None; import model; "
+            "m = model.Aria(model.ModelConfig(64, 4, 2, vocab_size=50)); "
+            "open(sys.argv[1], 'wb').write(b'\\x10\\x00\\x00\\x00\\x00\\x00\\x00\\x00{' + b' ' * 30)\n"
+            "try: model.load_model(sys.argv[1])\n"
+            "except model.CheckpointError as e: print(e)")
+    out = subprocess.run([sys.executable, "-c", code, str(tmp_path / "x.safetensors")], cwd=ROOT,
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert "pip install safetensors" in out.stdout
+
+
+# -----------------------------------------------------------------------------
+# training path
+
+
+def test_layerwise_dropout():
+    m = M.Aria(tiny_cfg(n_layers=5, resid_dropout=0.2))
+    assert [round(b.dropout.p, 6) for b in m.model.encode_layers] == [0.0, 0.05, 0.1, 0.15, 0.2]
+    assert M.Aria(tiny_cfg(n_layers=1, resid_dropout=0.2)).model.encode_layers[0].dropout.p == 0.0
+
+
+@pytest.mark.parametrize("p", [0.0, 0.3])
+def test_grad_checkpoint_same_loss_and_grads(p):
+    ids = torch.randint(0, 97, (2, 24), generator=torch.Generator().manual_seed(0))
+    results = []
+    for ckpt in (False, True):
+        m = random_model(grad_checkpoint=ckpt, resid_dropout=p).train()
+        torch.manual_seed(123)  # same dropout masks; non-reentrant checkpoint replays the RNG
+        loss = torch.nn.functional.cross_entropy(m(ids[:, :-1]).flatten(0, 1), ids[:, 1:].flatten())
+        loss.backward()
+        results.append((loss.detach(), [q.grad.clone() for q in m.parameters()]))
+    (l0, g0), (l1, g1) = results
+    assert torch.allclose(l0, l1, atol=1e-6, rtol=0)
+    assert all(torch.allclose(a, b, atol=1e-6, rtol=0) for a, b in zip(g0, g1))
+
+
+def test_cnd_training_touches_adapter():
+    # DDP-safe: without a condition the adapter still receives a (zero) gradient
+    m = random_model(heads=("lm", "adapter"), emb_size=8).train()
+    m(torch.randint(0, 97, (2, 8))).sum().backward()
+    assert m.embedding_adapter.weight.grad is not None
+    assert torch.count_nonzero(m.embedding_adapter.weight.grad) == 0
+
+
+def test_perf_helpers():
+    med = M.PRESETS["medium"]
+    with torch.device("meta"):
+        n = M.Aria(med).num_params(exclude_embedding=True)
+    assert M.flops_per_token(med, 8192) == 6 * n + 12 * 16 * 1536 * 8192
+    assert M.peak_flops("NVIDIA H100 80GB HBM3") == 989e12 and M.peak_flops("NVIDIA H100 PCIe") == 756e12
+    assert M.estimate_mfu(med, 8192, 1e4, "cpu") is None
+    assert abs(M.estimate_mfu(med, 8192, 1e4, "NVIDIA A100-SXM4-80GB")
+               - M.flops_per_token(med, 8192) * 1e4 / 312e12) < 1e-12
+    opt = M.configure_optimizer(random_model(), lr=3e-4)
+    assert isinstance(opt, torch.optim.AdamW) and opt.defaults["weight_decay"] == 0.1
+    assert len(opt.param_groups) == 1  # official: weight decay on every parameter
+    assert M.ModelConfig.from_dict({"d_model": 8, "n_heads": 2, "n_layers": 1, "foo": 1}).d_model == 8
+
+
+def test_vocab_size_matches_tokenizer():
+    tok = pytest.importorskip("tokenizer")
+    assert M.VOCAB_SIZE == tok.VOCAB_SIZE == M.ModelConfig(8, 1, 1).vocab_size
+    assert isinstance(tok.VOCAB_HASH, str)
