@@ -20,6 +20,7 @@ File order: config, layers (incl. KV cache), model, checkpoint I/O, perf helpers
 import json
 import os
 import re
+import sys
 import warnings
 from collections import OrderedDict
 from dataclasses import asdict, dataclass, fields, replace
@@ -643,3 +644,158 @@ def configure_optimizer(model, lr=3e-4, weight_decay=0.1, betas=(0.9, 0.95), eps
     params = [p for p in model.parameters() if p.requires_grad]
     return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, betas=betas, eps=eps,
                              fused=device_type == "cuda")
+
+
+# -----------------------------------------------------------------------------
+# the training loop every stage script shares (pretrain, finetune_gen,
+# finetune_contrastive, finetune_cls). A script builds its model, a function
+# that yields micro-batches from a given step, and a loss; train() does the rest.
+# Data order must be a pure function of the step (and seed), so resuming needs
+# only the step: no loader state, and the same global batch for any world size.
+
+
+def setup_distributed(device="auto"):
+    """-> (rank, world_size, device). Under torchrun: NCCL on CUDA, gloo on CPU."""
+    import torch.distributed as dist
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
+    if "RANK" not in os.environ:
+        return 0, 1, torch.device(device)
+    rank, world, local = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ.get("LOCAL_RANK", 0))
+    if device.startswith("cuda"):
+        torch.cuda.set_device(local)
+        device = f"cuda:{local}"
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
+    return rank, world, torch.device(device)
+
+
+def lr_at(step, lr, warmup, total, final_frac=0.1):
+    """Paper §4.1: linear warmup for `warmup` steps, then linear decay to final_frac*lr at
+    `total` (final_frac 0.1 for pretraining, 0 to anneal to zero)."""
+    if step < warmup:
+        return lr * (step + 1) / warmup
+    frac = min(1.0, (step - warmup) / max(1, total - warmup))
+    return lr * (1.0 - (1.0 - final_frac) * frac)
+
+
+def resume_args(args, parser, out):
+    """With --resume, the hyperparameters saved in OUT's checkpoint come back; only the
+    flags typed on this command line override them (e.g. a longer --max_iters)."""
+    if not args.resume:
+        return args
+    ckpt_path = Path(out) / "ckpt.pt"
+    if not ckpt_path.is_file():
+        raise CheckpointError(f"{ckpt_path}: nothing to resume (no checkpoint in {out})")
+    saved = torch.load(ckpt_path, map_location="cpu", weights_only=True).get("args", {})
+    given = {a.dest for a in parser._actions
+             if any(s in sys.argv[1:] or any(x.startswith(s + "=") for x in sys.argv[1:]) for s in a.option_strings)}
+    per_run = {"resume", "stop_at", "device", "workers"}  # how to run this job, not the run's settings
+    for k, v in saved.items():
+        if k not in given and k not in per_run and hasattr(args, k):
+            setattr(args, k, v)
+    return args
+
+
+def train(model, args, batches, loss_fn, evaluate=None, tokens_per_micro=None, rank=0, world=1,
+          device=torch.device("cpu"), seq_len=None):
+    """The loop. args needs: out, lr, warmup, max_iters, final_lr_frac, weight_decay, grad_accum,
+    grad_clip, log_interval, eval_interval, ckpt_interval, stop_at, compile, resume.
+    batches(step) yields this rank's micro-batches from `step` on (step-major);
+    loss_fn(model, batch) -> (loss, n_target_tokens); evaluate(model) -> {name: value}.
+    Writes OUT/ckpt.pt (atomic) and OUT/log.jsonl; only rank 0 prints and writes."""
+    import contextlib
+    import time
+    import torch.distributed as dist
+    out, master = Path(args.out), rank == 0
+    if master:
+        out.mkdir(parents=True, exist_ok=True)
+    model.to(device)
+    opt = configure_optimizer(model, args.lr, args.weight_decay, device_type=device.type)
+    step = 0
+    if args.resume:
+        ckpt = load_checkpoint(out / "ckpt.pt")
+        model.load_state_dict(_normalize_keys(ckpt["model"]))
+        opt.load_state_dict(ckpt["optimizer"])
+        step = ckpt["step"]
+        torch.set_rng_state(ckpt["rng_cpu"])
+        if device.type == "cuda" and "rng_cuda" in ckpt:
+            torch.cuda.set_rng_state(ckpt["rng_cuda"], device)
+        if master:
+            print(f"resuming from {out / 'ckpt.pt'} at step {step}")
+    raw = model
+    if device.type == "cuda" and args.compile:
+        model = torch.compile(model)
+    if world > 1:
+        from torch.nn.parallel import DistributedDataParallel as DDP
+        model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
+    autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda"
+                else contextlib.nullcontext())
+    log_file = open(out / "log.jsonl", "a") if master else None
+
+    def log(rec, line):
+        if master:
+            print(line, flush=True)
+            log_file.write(json.dumps(rec) + "\n")
+            log_file.flush()
+
+    def save():
+        if master:
+            save_checkpoint(out / "ckpt.pt", raw, optimizer=opt.state_dict(), step=step, args=vars(args),
+                            rng_cpu=torch.get_rng_state(),
+                            **({"rng_cuda": torch.cuda.get_rng_state(device)} if device.type == "cuda" else {}))
+        if world > 1:
+            dist.barrier()
+
+    def run_eval():
+        if evaluate is None:
+            return
+        model.eval()
+        with torch.no_grad(), autocast:
+            metrics = evaluate(raw)
+        model.train()
+        log({"step": step, **metrics}, f"step {step:6d} | " + " | ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
+
+    stop = min(args.max_iters, args.stop_at or args.max_iters)
+    it = batches(step)
+    model.train()
+    t_last, t_start, step_start, tokens = time.time(), time.time(), step, 0
+    while step < stop:
+        lr = lr_at(step, args.lr, args.warmup, args.max_iters, args.final_lr_frac)
+        for g in opt.param_groups:
+            g["lr"] = lr
+        loss_sum = torch.zeros((), device=device)
+        for micro in range(args.grad_accum):
+            batch = next(it)
+            sync = micro == args.grad_accum - 1 or world == 1
+            with (contextlib.nullcontext() if sync else model.no_sync()), autocast:
+                loss, n = loss_fn(model, batch)
+            (loss / args.grad_accum).backward()
+            loss_sum += loss.detach() / args.grad_accum
+            tokens += tokens_per_micro or n
+        if args.grad_clip:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        step += 1
+        if step % args.log_interval == 0 or step == stop:
+            if world > 1:
+                dist.all_reduce(loss_sum, op=dist.ReduceOp.AVG)
+            dt = time.time() - t_last
+            tok_s = tokens * world / dt
+            mfu = estimate_mfu(raw.config, seq_len, tok_s) if device.type == "cuda" and seq_len else None
+            eta = (stop - step) * (time.time() - t_start) / max(1, step - step_start)
+            rec = {"step": step, "loss": round(loss_sum.item(), 6), "lr": lr, "ms": round(1e3 * dt / args.log_interval, 1),
+                   "tok_s": round(tok_s), **({"mfu": round(mfu, 4)} if mfu else {})}
+            log(rec, f"step {step:6d} | loss {rec['loss']:.4f} | lr {lr:.2e} | {rec['ms']:.0f} ms/step | "
+                     f"{tok_s:,.0f} tok/s" + (f" | MFU {100 * mfu:.1f}%" if mfu else "") + f" | ETA {eta:.0f}s")
+            t_last, tokens = time.time(), 0
+        if args.eval_interval and step % args.eval_interval == 0 and step < stop:
+            run_eval()
+        if args.ckpt_interval and step % args.ckpt_interval == 0 and step < stop:
+            save()
+    run_eval()
+    save()
+    if log_file:
+        log_file.close()
+    return raw
