@@ -697,13 +697,41 @@ def resume_args(args, parser, out):
     return args
 
 
-def train(model, args, batches, loss_fn, evaluate=None, tokens_per_micro=None, rank=0, world=1,
+class StepSampler(torch.utils.data.Sampler):
+    """This rank's sample indices from `step` on: micro-batch (step, micro) of rank r holds
+    samples ((step * accum + micro) * world + r) * B + [0, B). The dataset maps an index g to
+    its sample (epoch = g // len, shuffled by seed and epoch), so the global batch of a step
+    does not depend on the number of processes, and resuming at a step needs nothing else."""
+
+    def __init__(self, step, batch_size, accum, rank, world):
+        self.step, self.b, self.a, self.r, self.w = step, batch_size, accum, rank, world
+
+    def __iter__(self):
+        step = self.step
+        while True:
+            for micro in range(self.a):
+                base = ((step * self.a + micro) * self.w + self.r) * self.b
+                yield from range(base, base + self.b)
+            step += 1
+
+
+def next_token_loss(model, batch):
+    """Cross-entropy of the next token, <P> targets ignored. batch: (B, T+1) ids."""
+    import tokenizer
+    x, y = batch[:, :-1], batch[:, 1:]  # (B, T)
+    logits = model(x)  # (B, T, V)
+    loss = F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), ignore_index=tokenizer.PAD_ID)
+    return loss, int((y != tokenizer.PAD_ID).sum())
+
+
+def train(model, args, dataset, loss_fn, evaluate=None, tokens_per_micro=None, rank=0, world=1,
           device=torch.device("cpu"), seq_len=None):
-    """The loop. args needs: out, lr, warmup, max_iters, final_lr_frac, weight_decay, grad_accum,
-    grad_clip, log_interval, eval_interval, ckpt_interval, stop_at, compile, resume.
-    batches(step) yields this rank's micro-batches from `step` on (step-major);
-    loss_fn(model, batch) -> (loss, n_target_tokens); evaluate(model) -> {name: value}.
-    Writes OUT/ckpt.pt (atomic) and OUT/log.jsonl; only rank 0 prints and writes."""
+    """The loop. args needs: out, batch_size, workers, lr, warmup, max_iters, final_lr_frac,
+    weight_decay, grad_accum, grad_clip, log_interval, eval_interval, ckpt_interval, stop_at,
+    compile, resume. dataset[g] is sample g (any g >= 0, see StepSampler); batches are built
+    in `args.workers` loader processes. loss_fn(model, batch) -> (loss, n_target_tokens);
+    evaluate(model) -> {name: value}. Writes OUT/ckpt.pt (atomic) and OUT/log.jsonl; only
+    rank 0 prints and writes."""
     import contextlib
     import time
     import torch.distributed as dist
@@ -757,16 +785,19 @@ def train(model, args, batches, loss_fn, evaluate=None, tokens_per_micro=None, r
         log({"step": step, **metrics}, f"step {step:6d} | " + " | ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
 
     stop = min(args.max_iters, args.stop_at or args.max_iters)
-    it = batches(step)
+    loader = torch.utils.data.DataLoader(
+        dataset, batch_size=args.batch_size, sampler=StepSampler(step, args.batch_size, args.grad_accum, rank, world),
+        num_workers=args.workers, pin_memory=device.type == "cuda", persistent_workers=args.workers > 0)
+    it = iter(loader)
     model.train()
-    t_last, t_start, step_start, tokens = time.time(), time.time(), step, 0
+    t_last, t_start, step_start, step_last, tokens = time.time(), time.time(), step, step, 0
     while step < stop:
         lr = lr_at(step, args.lr, args.warmup, args.max_iters, args.final_lr_frac)
         for g in opt.param_groups:
             g["lr"] = lr
         loss_sum = torch.zeros((), device=device)
         for micro in range(args.grad_accum):
-            batch = next(it)
+            batch = _to(next(it), device)
             sync = micro == args.grad_accum - 1 or world == 1
             with (contextlib.nullcontext() if sync else model.no_sync()), autocast:
                 loss, n = loss_fn(model, batch)
@@ -781,15 +812,15 @@ def train(model, args, batches, loss_fn, evaluate=None, tokens_per_micro=None, r
         if step % args.log_interval == 0 or step == stop:
             if world > 1:
                 dist.all_reduce(loss_sum, op=dist.ReduceOp.AVG)
-            dt = time.time() - t_last
+            dt, n_steps = time.time() - t_last, step - step_last
             tok_s = tokens * world / dt
             mfu = estimate_mfu(raw.config, seq_len, tok_s) if device.type == "cuda" and seq_len else None
             eta = (stop - step) * (time.time() - t_start) / max(1, step - step_start)
-            rec = {"step": step, "loss": round(loss_sum.item(), 6), "lr": lr, "ms": round(1e3 * dt / args.log_interval, 1),
+            rec = {"step": step, "loss": round(loss_sum.item(), 6), "lr": lr, "ms": round(1e3 * dt / n_steps, 1),
                    "tok_s": round(tok_s), **({"mfu": round(mfu, 4)} if mfu else {})}
             log(rec, f"step {step:6d} | loss {rec['loss']:.4f} | lr {lr:.2e} | {rec['ms']:.0f} ms/step | "
                      f"{tok_s:,.0f} tok/s" + (f" | MFU {100 * mfu:.1f}%" if mfu else "") + f" | ETA {eta:.0f}s")
-            t_last, tokens = time.time(), 0
+            t_last, step_last, tokens = time.time(), step, 0
         if args.eval_interval and step % args.eval_interval == 0 and step < stop:
             run_eval()
         if args.ckpt_interval and step % args.ckpt_interval == 0 and step < stop:
@@ -799,3 +830,9 @@ def train(model, args, batches, loss_fn, evaluate=None, tokens_per_micro=None, r
     if log_file:
         log_file.close()
     return raw
+
+
+def _to(batch, device):
+    if isinstance(batch, torch.Tensor):
+        return batch.to(device, non_blocking=True)
+    return type(batch)(_to(b, device) for b in batch)

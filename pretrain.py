@@ -20,7 +20,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 import model as M
 import tokenizer as T
@@ -98,29 +97,6 @@ class PackedWindows(torch.utils.data.Dataset):
         return torch.from_numpy(x)
 
 
-class StepSampler(torch.utils.data.Sampler):
-    """This rank's sample indices from `step` on: micro-batch (step, micro) of rank r holds
-    samples ((step * accum + micro) * world + r) * B + [0, B)."""
-
-    def __init__(self, step, batch_size, accum, rank, world):
-        self.step, self.b, self.a, self.r, self.w = step, batch_size, accum, rank, world
-
-    def __iter__(self):
-        step = self.step
-        while True:
-            for micro in range(self.a):
-                base = ((step * self.a + micro) * self.w + self.r) * self.b
-                yield from range(base, base + self.b)
-            step += 1
-
-
-def lm_loss(model, batch):
-    x, y = batch[:, :-1], batch[:, 1:]  # (B, T)
-    logits = model(x)  # (B, T, V)
-    loss = F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), ignore_index=T.PAD_ID)
-    return loss, int((y != T.PAD_ID).sum())
-
-
 # -----------------------------------------------------------------------------
 
 def main():
@@ -162,22 +138,15 @@ def main():
               f"{len(train_set)} windows of {args.seq_len} tokens per epoch; {args.max_iters} steps of "
               f"{per_step} sequences ({args.max_iters * per_step / len(train_set):.2f} epochs)")
 
-    def batches(step):
-        loader = torch.utils.data.DataLoader(
-            train_set, batch_size=args.batch_size, sampler=StepSampler(step, args.batch_size, args.grad_accum, rank, world),
-            num_workers=args.workers, pin_memory=device.type == "cuda", persistent_workers=args.workers > 0)
-        for batch in loader:
-            yield batch.to(device, non_blocking=True)
-
     def evaluate(m):
         n = min(len(val_set), args.eval_iters * args.batch_size)
         if n == 0:
             return {}
-        losses = [lm_loss(m, torch.stack([val_set[g] for g in range(i, min(i + args.batch_size, n))]).to(device))[0]
+        losses = [M.next_token_loss(m, torch.stack([val_set[g] for g in range(i, min(i + args.batch_size, n))]).to(device))[0]
                   for i in range(0, n, args.batch_size)]
         return {"val_loss": torch.stack(losses).mean().item()}
 
-    M.train(model, args, batches, lm_loss, evaluate, tokens_per_micro=args.batch_size * args.seq_len,
+    M.train(model, args, train_set, M.next_token_loss, evaluate, tokens_per_micro=args.batch_size * args.seq_len,
             rank=rank, world=world, device=device, seq_len=args.seq_len)
     if world > 1:
         torch.distributed.destroy_process_group()
