@@ -2,6 +2,7 @@
 The performance figures that README reports, one subcommand per component.
 
     python bench.py tokenizer [FILES_OR_DIRS...]   # notes/s: mido parse vs our parse+tokenize, etc.
+    python bench.py sample [--preset tiny|small|medium] [--ckpt X] [--batch 1] [--tokens 256] [--compile]
 
 Each prints a small table and the median over --repeats runs of the whole file set.
 This is a benchmark, not a test: run it on a quiet machine.
@@ -68,6 +69,64 @@ def bench_tokenizer(args):
         print(f"{name:34s} {t * 1e3:9.1f} {len(files) / t:9.1f} {n_notes / t:10,.0f} {t / base:7.2f}")
 
 
+def device_name(device):
+    import platform
+    import torch
+    if device == "cuda":
+        return torch.cuda.get_device_name()
+    cpu = platform.processor() or platform.machine()
+    try:
+        cpu = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return f"{cpu}, {torch.get_num_threads()} threads"
+
+
+def bench_sample(args):
+    """New tokens/s of sample.generate's decode loop (grammar + min-p sampling included), timed
+    after a warm-up run of the same shape; random weights unless --ckpt."""
+    import torch
+    import model as M
+    import sample as S
+    import tokenizer as T
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    try:
+        device = S.pick_device(args.device)
+    except S.Fail as e:
+        sys.exit(f"bench.py: {e}")
+    dtype = S.pick_dtype(args.dtype, device)
+    if args.ckpt:
+        try:
+            model = M.load_model(args.ckpt, device=device, dtype=dtype)
+        except M.CheckpointError as e:
+            sys.exit(f"bench.py: {e}")
+        name = args.ckpt
+    else:
+        torch.manual_seed(0)
+        with torch.device(device):
+            model = M.Aria(M.PRESETS[args.preset])
+        model = model.to(dtype).eval()
+        name = f"{args.preset} (random weights)"
+    compiled = args.compile and device == "cuda"
+    if args.compile and not compiled:
+        print(f"note: --compile applies to CUDA only; decoding eagerly on {device}")
+    prompt = [T.INSTRUMENT_PREFIX_ID["piano"], T.BOS_ID]
+    run = dict(n_variations=args.batch, length=args.tokens, device=device, eos=False, compile=compiled)
+    t0 = time.perf_counter()
+    S.generate(model, prompt, seed=0, **run)  # warm-up, same shapes (with --compile: compiles)
+    warm = time.perf_counter() - t0
+    stats = {}
+    S.generate(model, prompt, seed=1, stats=stats, **run)
+    steps, B = stats["steps"], args.batch
+    print(f"sample: {name}, {model.num_params() / 1e6:.1f}M parameters, {stats['dtype']}, "
+          f"on {device}: {device_name(device)}{', compiled (CUDA graphs)' if compiled else ''}")
+    print(f"batch {B}, {steps} new tokens per row after a {len(prompt)}-token prompt (warm-up {warm:.1f} s)")
+    print(f"decode: {stats['decode_tokens_per_s']:.1f} new tokens/s "
+          f"({stats['decode_tokens_per_s'] / B:.1f} per row, {stats['decode_s'] / steps * 1e3:.2f} ms/step)")
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -78,6 +137,19 @@ def main():
     p.add_argument("--limit", type=int, default=None, help="use at most this many files")
     p.add_argument("--repeats", type=int, default=5, help="timed repeats (median reported)")
     p.set_defaults(fn=bench_tokenizer)
+    p = sub.add_parser("sample", help="new tokens/s of sample.py's decode loop",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--preset", default="tiny", choices=["tiny", "small", "medium"],
+                   help="model shape (random weights) when no --ckpt")
+    p.add_argument("--ckpt", default=None, help="a checkpoint instead of a preset")
+    p.add_argument("--batch", type=int, default=1, help="variations decoded together")
+    p.add_argument("--tokens", type=int, default=256, help="new tokens per row")
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"])
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+                   help="auto: bfloat16 on CUDA, float32 elsewhere")
+    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    p.add_argument("--compile", action="store_true", help="CUDA: compile the decode step (CUDA graphs)")
+    p.set_defaults(fn=bench_sample)
     args = ap.parse_args()
     sys.path.insert(0, str(ROOT))
     args.fn(args)

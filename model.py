@@ -424,6 +424,8 @@ def load_checkpoint(path, map_location="cpu") -> dict:
             return {"model": load_file(str(p), device=str(map_location))}
         except Exception as e:
             raise CheckpointError(f"{p}: not a readable safetensors file ({e})") from None
+    if head[:4] != b"PK\x03\x04" and head[:1] != b"\x80":  # torch.save zip / legacy pickle
+        raise CheckpointError(f"{p}: not a checkpoint (neither safetensors nor a torch.save file)")
     try:
         ckpt = torch.load(p, map_location=map_location, weights_only=True)
     except Exception as e:

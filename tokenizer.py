@@ -501,7 +501,7 @@ def detokenize_notes(ids):
     Channels are assigned to instrument prefixes in order (skipping 9; drums on 9).
     Notes of an instrument without a prefix are dropped, as officially.
     """
-    ids = [int(i) for i in ids]
+    ids = [i if 0 <= i < VOCAB_SIZE else UNK_ID for i in map(int, ids)]
     channel_of, programs = {}, {}
     next_channel = 0
     for i in ids:  # prefix scan: instrument prefixes before the first event
@@ -523,7 +523,7 @@ def detokenize_notes(ids):
     notes, base, n = [], 0, len(ids)
     for k in range(n):
         i = ids[k]
-        cls = TOKEN_CLASS[i] if 0 <= i < VOCAB_SIZE else SPECIAL
+        cls = TOKEN_CLASS[i]
         if cls == SPECIAL:
             if i == SEG_ID:
                 base += SEGMENT_MS
