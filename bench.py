@@ -2,6 +2,8 @@
 The performance figures that README reports, one subcommand per component.
 
     python bench.py tokenizer [FILES_OR_DIRS...]   # notes/s: mido parse vs our parse+tokenize, etc.
+    python bench.py train --preset tiny --data data/synthetic   # fwd+bwd tokens/s, MFU; data loader tokens/s
+    python bench.py sample --preset medium --compile             # decode tokens/s
     python bench.py sample [--preset tiny|small|medium] [--ckpt X] [--batch 1] [--tokens 256] [--compile]
 
 Each prints a small table and the median over --repeats runs of the whole file set.
@@ -127,6 +129,54 @@ def bench_sample(args):
           f"({stats['decode_tokens_per_s'] / B:.1f} per row, {stats['decode_s'] / steps * 1e3:.2f} ms/step)")
 
 
+def bench_train(args):
+    """Forward+backward tokens/s and MFU for a preset, and the data loader's tokens/s beside it."""
+    import contextlib
+    import torch
+    import model as M
+    device = torch.device(args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
+    torch.manual_seed(0)
+    cfg = M.replace(M.PRESETS[args.preset], max_seq_len=max(args.seq_len, M.PRESETS[args.preset].max_seq_len),
+                    grad_checkpoint=args.grad_checkpoint)
+    m = M.Aria(cfg).to(device).train()
+    opt = M.configure_optimizer(m, device_type=device.type)
+    step_model = torch.compile(m) if device.type == "cuda" and args.compile else m
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
+    batch = torch.randint(6, cfg.vocab_size, (args.batch, args.seq_len + 1), device=device)
+
+    def step():
+        with autocast:
+            loss, _ = M.next_token_loss(step_model, batch)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    for _ in range(args.warmup):
+        step()
+    sync()
+    t = timed(lambda: (step(), sync()), args.steps)
+    tok_s = args.batch * args.seq_len / t
+    mfu = M.estimate_mfu(cfg, args.seq_len, tok_s) if device.type == "cuda" else None
+    name = torch.cuda.get_device_name() if device.type == "cuda" else f"CPU ({torch.get_num_threads()} threads)"
+    print(f"train: {args.preset} ({m.num_params() / 1e6:.1f}M), batch {args.batch} x {args.seq_len}, {name}: "
+          f"{t * 1e3:.0f} ms/step, {tok_s:,.0f} tokens/s" + (f", MFU {100 * mfu:.1f}%" if mfu else ""))
+    if args.data:
+        import pretrain
+        ds = pretrain.PackedWindows(args.data, "train", args.seq_len, 0, True)
+        loader = torch.utils.data.DataLoader(ds, batch_size=args.batch, sampler=M.StepSampler(0, args.batch, 1, 0, 1),
+                                             num_workers=args.workers)
+        it = iter(loader)
+        next(it)
+        n = max(4, args.steps)
+        t0 = time.perf_counter()
+        for _ in range(n):
+            next(it)
+        load_s = n * args.batch * args.seq_len / (time.perf_counter() - t0)
+        print(f"data loader ({args.workers} workers, with augmentation): {load_s:,.0f} tokens/s "
+              f"= {load_s / tok_s:.1f}x what the model consumes")
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -150,6 +200,19 @@ def main():
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     p.add_argument("--compile", action="store_true", help="CUDA: compile the decode step (CUDA graphs)")
     p.set_defaults(fn=bench_sample)
+    p = sub.add_parser("train", help="forward+backward tokens/s and MFU; the data loader's tokens/s beside it",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--preset", default="tiny", choices=["tiny", "small", "medium"], help="model shape")
+    p.add_argument("--seq_len", type=int, default=512, help="tokens per sequence (8192 for the paper's medium)")
+    p.add_argument("--batch", type=int, default=4, help="sequences per step")
+    p.add_argument("--steps", type=int, default=5, help="timed steps (median reported)")
+    p.add_argument("--warmup", type=int, default=2, help="untimed steps first (compilation)")
+    p.add_argument("--device", default="auto", help="cpu, cuda or auto")
+    p.add_argument("--compile", type=int, default=1, help="torch.compile on CUDA (1/0)")
+    p.add_argument("--grad_checkpoint", action="store_true", help="activation checkpointing")
+    p.add_argument("--data", default=None, help="a prepared dataset: also time the augmenting data loader")
+    p.add_argument("--workers", type=int, default=2, help="data loader workers")
+    p.set_defaults(fn=bench_train)
     args = ap.parse_args()
     sys.path.insert(0, str(ROOT))
     args.fn(args)
