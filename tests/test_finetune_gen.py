@@ -95,3 +95,36 @@ def test_cli_bad_inputs(tmp_path, data):
     assert r.returncode == 1 and "no such file" in r.stderr and "Traceback" not in r.stderr
     r = run("finetune_gen.py", "--data", data, ok=False)
     assert r.returncode == 2 and "--init" in r.stderr
+
+
+def test_sample_end_reaches_eos_after_the_finetune(tmp_path):
+    """A model finetuned on short whole pieces learns to end after <D>: continuing from <D>,
+    sample.py's generate(end=True) reaches <E> within the length."""
+    import torch
+    import model as M
+    import prepare
+    import sample as S
+    torch.manual_seed(0)
+    M.save_checkpoint(tmp_path / "init" / "ckpt.pt", M.Aria(M.PRESETS["tiny"]))
+    prepare.write_synthetic(4, tmp_path / "long", seed=3)
+    (tmp_path / "short").mkdir()
+    for f in sorted((tmp_path / "long").glob("*.mid")):  # 90 notes: whole pieces fit one sequence
+        score = T.load_midi(f)
+        T.detokenize(T.tokenize(score.with_notes(score.notes[:90]), dim=False)).save(tmp_path / "short" / f.name)
+    run("prepare.py", tmp_path / "short", "--out", tmp_path / "ds", "--workers", "1", "--val_fraction", "0")
+    run("finetune_gen.py", "--init", tmp_path / "init", "--data", tmp_path / "ds", "--out", tmp_path / "gen",
+        "--seq_len", "320", "--batch_size", "4", "--max_iters", "60", "--warmup", "5", "--lr", "3e-3",
+        "--log_interval", "20", "--workers", "0", "--no_augment", "--eval_iters", "0")
+    m = M.load_model(tmp_path / "gen")
+    tokens = np.fromfile(tmp_path / "ds" / "train.bin", dtype=np.uint16)
+    idx = np.load(tmp_path / "ds" / "train.idx.npy")
+    assert all(np.diff(idx) <= 321)
+    ended = 0
+    for f in range(len(idx) - 1):
+        ids = G.place_dim(tokens[idx[f]:idx[f + 1]].tolist(), random.Random(f))
+        d = ids.index(T.DIM_ID)
+        greedy = S.generate(m, ids[:d + 1], length=150, end=True, temp=0)[0]
+        ended += greedy[-1] == T.EOS_ID and len(greedy) - d - 1 <= 150
+        sampled = S.generate(m, ids[:d + 1], n_variations=2, length=150, end=True, seed=f)
+        assert all(T.detokenize_notes(r)[0] for r in sampled)
+    assert ended >= 3, ended  # of 4 pieces (a 60-step model; greedy ends all 4 here)
