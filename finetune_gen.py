@@ -28,34 +28,39 @@ import model as M
 import tokenizer as T
 
 
+# defaults: paper §3.2 "Generative finetuning"; what the paper leaves open comes from the
+# official train.py, which this stage reuses (SPEC §C.2)
+DEFAULTS = dict(
+    out="out/gen",
+    batch_size=16,        # as pretraining (paper §4.1)
+    grad_accum=1,
+    lr=3e-4,              # the paper gives none; official get_optim (SPEC §C.2)
+    warmup=200,           # official get_optim (SPEC §C.2)
+    final_lr_frac=0.0,    # paper §3.2: annealed to zero
+    weight_decay=0.1,     # SPEC §C.2
+    grad_clip=0.0,        # off, as official
+    epochs=1,             # paper §3.2: a single epoch
+    max_iters=None,
+    stop_at=None,
+    eval_interval=0,
+    log_interval=10,
+    ckpt_interval=500,
+    workers=2,
+    compile=1,
+    device="auto",
+    seed=0,
+)
+
+
 def get_args(argv=None):
     ap = argparse.ArgumentParser(description="Aria generative finetune (<D> ending control).",
                                  formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     ap.add_argument("--init", required=False, help="pretrained checkpoint: a file (official .safetensors or ours) or an output folder")
     ap.add_argument("--data", required=False, help="dataset folder written by prepare.py (--strict recommended)")
-    ap.add_argument("--out", default="out/gen", help="checkpoints and log.jsonl go here")
     ap.add_argument("--seq_len", type=int, default=None, help="tokens per sequence (default: the model's context, 8192 for medium)")
-    ap.add_argument("--batch_size", type=int, default=16, help="sequences per process per micro-step (as pretraining, paper §4.1)")
-    ap.add_argument("--grad_accum", type=int, default=1, help="micro-steps per optimizer step")
-    ap.add_argument("--lr", type=float, default=3e-4, help="peak learning rate (the paper gives none; official get_optim, SPEC §C.2)")
-    ap.add_argument("--warmup", type=int, default=200, help="warmup steps (official get_optim, SPEC §C.2)")
-    ap.add_argument("--final_lr_frac", type=float, default=0.0, help="anneal to this fraction of lr (paper §3.2: to zero)")
-    ap.add_argument("--weight_decay", type=float, default=0.1, help="AdamW, betas (0.9, 0.95), eps 1e-5 (SPEC §C.2)")
-    ap.add_argument("--grad_clip", type=float, default=0.0, help="clip the gradient norm (0: off, as official)")
-    ap.add_argument("--epochs", type=float, default=1, help="passes over the data (paper §3.2: a single epoch)")
-    ap.add_argument("--max_iters", type=int, default=None, help="optimizer steps (default: from --epochs)")
-    ap.add_argument("--stop_at", type=int, default=None, help="stop after this step without ending the schedule")
     ap.add_argument("--no_augment", dest="augment", action="store_false", help="turn off online augmentation (on, as the official train.py)")
-    ap.add_argument("--grad_checkpoint", action="store_true", help="recompute activations in backward to save memory")
-    ap.add_argument("--eval_interval", type=int, default=0, help="steps between validation losses (0: only at the end)")
     ap.add_argument("--eval_iters", type=int, default=20, help="validation batches per evaluation")
-    ap.add_argument("--log_interval", type=int, default=10, help="steps per log line")
-    ap.add_argument("--ckpt_interval", type=int, default=500, help="steps between checkpoints (and one at the end)")
-    ap.add_argument("--workers", type=int, default=2, help="data loader worker processes")
-    ap.add_argument("--compile", type=int, default=1, help="torch.compile the model on CUDA (1/0)")
-    ap.add_argument("--device", default="auto", help="cpu, cuda, mps or auto")
-    ap.add_argument("--seed", type=int, default=0, help="data order, <D> positions and augmentation")
-    ap.add_argument("--resume", action="store_true", help="continue from OUT/ckpt.pt with its saved settings")
+    M.add_train_args(ap, **DEFAULTS)
     args = ap.parse_args(argv)
     args = M.resume_args(args, ap, args.out)
     if not args.init or not args.data:

@@ -681,6 +681,40 @@ def lr_at(step, lr, warmup, total, final_frac=0.1):
     return lr * (1.0 - (1.0 - final_frac) * frac)
 
 
+# the options every training script shares; each script passes its own defaults (with the
+# paper section they come from) to add_train_args
+TRAIN_OPTIONS = [
+    ("out", str, "checkpoints (ckpt.pt) and log.jsonl go here"),
+    ("batch_size", int, "sequences per process per micro-step"),
+    ("grad_accum", int, "micro-steps per optimizer step"),
+    ("lr", float, "peak learning rate"),
+    ("warmup", int, "linear warmup steps"),
+    ("final_lr_frac", float, "then linear decay to this fraction of lr"),
+    ("weight_decay", float, "AdamW weight decay, on all parameters; betas (0.9, 0.95), eps 1e-5 (SPEC §C.2)"),
+    ("grad_clip", float, "clip the gradient norm (0: off)"),
+    ("epochs", float, "passes over the training data; sets max_iters"),
+    ("max_iters", int, "optimizer steps (default: from --epochs)"),
+    ("stop_at", int, "stop after this step without ending the schedule (split a run into jobs)"),
+    ("eval_interval", int, "steps between evaluations (0: only at the end)"),
+    ("log_interval", int, "steps per log line"),
+    ("ckpt_interval", int, "steps between checkpoints (and one at the end)"),
+    ("workers", int, "data loader worker processes"),
+    ("compile", int, "torch.compile the model on CUDA (1/0)"),
+    ("device", str, "cpu, cuda, mps or auto"),
+    ("seed", int, "model init, data order and augmentation"),
+]
+
+
+def add_train_args(ap, **defaults):
+    """Add the shared training options to an argparse parser; every default must be given."""
+    for name, typ, help in TRAIN_OPTIONS:
+        ap.add_argument(f"--{name}", type=typ, default=defaults.pop(name), help=help)
+    ap.add_argument("--grad_checkpoint", action="store_true", help="recompute activations in backward to save memory")
+    ap.add_argument("--resume", action="store_true", help="continue from OUT/ckpt.pt with its saved settings")
+    if defaults:
+        raise TypeError(f"unknown training options {sorted(defaults)}")
+
+
 def resume_args(args, parser, out):
     """With --resume, the hyperparameters saved in OUT's checkpoint come back; only the
     flags typed on this command line override them (e.g. a longer --max_iters)."""

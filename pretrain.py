@@ -24,6 +24,27 @@ import torch
 import model as M
 import tokenizer as T
 
+# defaults: the paper's pretraining recipe (§3.2, §4.1) and the official optimizer (SPEC §C.2)
+DEFAULTS = dict(
+    out="out/pretrain",
+    batch_size=16,        # paper §4.1: 16 sequences per GPU (8 GPUs)
+    grad_accum=1,
+    lr=3e-4,              # paper §4.1
+    warmup=1000,          # paper §4.1
+    final_lr_frac=0.1,    # paper §4.1: linear decay to 10% of the initial rate
+    weight_decay=0.1,     # SPEC §C.2 (the paper does not say)
+    grad_clip=0.0,        # off, as the official code (SPEC §C.2)
+    epochs=75,            # paper §4.1
+    max_iters=None,
+    stop_at=None,
+    eval_interval=500,
+    log_interval=10,
+    ckpt_interval=1000,
+    workers=2,
+    compile=1,
+    device="auto",
+    seed=0,
+)
 # python pretrain.py with no arguments: a few minutes on a laptop CPU. The tiny model trains
 # stably at 1e-3, which gets a demo this short much further than the paper's 3e-4 for medium.
 QUICKSTART = dict(data="data/synthetic", preset="tiny", seq_len=256, batch_size=8, max_iters=300, warmup=30,
@@ -34,30 +55,11 @@ def get_args(argv=None):
     ap = argparse.ArgumentParser(description="Aria next-token pretraining.",
                                  formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     ap.add_argument("--data", default="data/synthetic", help="dataset folder written by prepare.py")
-    ap.add_argument("--out", default="out/pretrain", help="checkpoints and log.jsonl go here")
     ap.add_argument("--preset", default="tiny", choices=list(M.PRESETS), help="model size")
     ap.add_argument("--seq_len", type=int, default=None, help="tokens per sequence (default: the preset's context; 8192 for medium, paper §3.2)")
-    ap.add_argument("--batch_size", type=int, default=16, help="sequences per process per micro-step (paper §4.1: 16 per GPU)")
-    ap.add_argument("--grad_accum", type=int, default=1, help="micro-steps per optimizer step")
-    ap.add_argument("--lr", type=float, default=3e-4, help="peak learning rate (paper §4.1)")
-    ap.add_argument("--warmup", type=int, default=1000, help="warmup steps (paper §4.1)")
-    ap.add_argument("--final_lr_frac", type=float, default=0.1, help="linear decay to this fraction of lr (paper §4.1)")
-    ap.add_argument("--weight_decay", type=float, default=0.1, help="AdamW, betas (0.9, 0.95), eps 1e-5 (SPEC §C.2)")
-    ap.add_argument("--grad_clip", type=float, default=0.0, help="clip the gradient norm (0: off, as official)")
-    ap.add_argument("--epochs", type=float, default=75, help="passes over the training tokens (paper §4.1); sets max_iters")
-    ap.add_argument("--max_iters", type=int, default=None, help="optimizer steps (default: from --epochs)")
-    ap.add_argument("--stop_at", type=int, default=None, help="stop after this step without ending the schedule (split a run into jobs)")
-    ap.add_argument("--no_augment", dest="augment", action="store_false", help="turn off online augmentation")
-    ap.add_argument("--grad_checkpoint", action="store_true", help="recompute activations in backward to save memory")
-    ap.add_argument("--eval_interval", type=int, default=500, help="steps between validation losses (0: only at the end)")
+    ap.add_argument("--no_augment", dest="augment", action="store_false", help="turn off online augmentation (paper §3.2)")
     ap.add_argument("--eval_iters", type=int, default=20, help="validation batches per evaluation")
-    ap.add_argument("--log_interval", type=int, default=10, help="steps per log line")
-    ap.add_argument("--ckpt_interval", type=int, default=1000, help="steps between checkpoints (and one at the end)")
-    ap.add_argument("--workers", type=int, default=2, help="data loader worker processes")
-    ap.add_argument("--compile", type=int, default=1, help="torch.compile the model on CUDA (1/0)")
-    ap.add_argument("--device", default="auto", help="cpu, cuda, mps or auto")
-    ap.add_argument("--seed", type=int, default=0, help="model init, data order and augmentation")
-    ap.add_argument("--resume", action="store_true", help="continue from OUT/ckpt.pt with its saved settings")
+    M.add_train_args(ap, **DEFAULTS)
     argv = sys.argv[1:] if argv is None else argv
     if not argv:
         ap.set_defaults(**QUICKSTART)
