@@ -1,0 +1,403 @@
+"""
+Contrastive finetuning of Aria into a MIDI embedding model (paper §3.3, §4.1; SPEC §C.3): the
+recipe behind aria-medium-embedding.
+
+    python finetune_contrastive.py --init out/pretrain --data data/mine --out out/emb
+    python finetune_contrastive.py --init aria-medium-base/model.safetensors --data data/ft --out out/emb
+    python finetune_contrastive.py --init none --preset tiny --data data/mine --out out/emb_scratch  # Aria_e=25† ablation
+    torchrun --nproc_per_node=8 finetune_contrastive.py --init ... --data ... --out out/emb
+    python finetune_contrastive.py --out out/emb --resume        # continue exactly where it stopped
+    python embed.py --ckpt out/emb song.mid --out song.npy        # use it
+
+The LM head of a pretrained model is replaced by a fresh linear embedding head (512-d); a slice's
+embedding is that head's output at the <E> token appended after the slice's last note. A training
+sample is one file of the dataset: two different random contiguous slices of 100-650 notes, each
+augmented on its own (pitch ±5, tempo ±20%, velocity ±1 bin) and tokenized as `prefix <S> notes <E>`.
+The loss is NT-Xent (paper eq. 2): cosine similarities of the L2-normalized embeddings, each
+embedding's positive is the other view of its file and its negatives are all the other 2N-2
+embeddings of the batch, both directions, temperature 0.1. Under torchrun the embeddings of all
+processes are gathered (with gradients), so the negatives are those of the global batch.
+
+Views from the dataset: prepare.py stores each file as token ids (`prefix <S> body <E>` with
+<D>). A view takes the ids of its note window (from its first note's first token up to the first
+token of the note after it), puts the file's prefix, <S> and one <T> per 5 s segment before the window in
+front, and decodes that with tokenizer.detokenize_notes into notes in ms (durations already hold
+the pedal); these become a Score at 1 tick = 1 ms and are tokenized again (no <D>), which rebases
+onsets to the window's first note. On the 10 ms grid this re-tokenization is exact, so a view is
+what the official code feeds its model for the same notes (SPEC §C.3: slice the MidiDict's notes,
+tokenize with metadata={}), except that the official rebasing quantizes the raw onset difference:
+onsets may differ by one 10 ms step. No MIDI is re-parsed and only the window is decoded.
+
+Which file and which slices a sample g holds depends only on (seed, g), as in the other stages:
+--resume needs no loader state, and the global batch is the same for any number of processes.
+An epoch is ceil(files / pairs per step) steps: every file gives one pair, and the last step of an
+epoch is filled up with the first files of that epoch's order (never twice in one batch).
+"""
+import argparse
+import json
+import math
+import random
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+import model as M
+import tokenizer as T
+
+
+class Fail(Exception):
+    """A one-line error for the user: exit status 1, no traceback."""
+
+
+# defaults: paper §4.1 "Contrastive embeddings" and the official contrastive_finetune (SPEC §C.3)
+DEFAULTS = dict(
+    out="out/emb",
+    batch_size=16,        # files (= pairs, 2x views) per process per micro-step; neither paper nor SPEC
+                          # gives one: pretraining's 16 per GPU. Negatives come from all processes
+    grad_accum=1,         # adds no negatives: each micro-batch is its own contrast
+    lr=1e-5,              # paper §4.1, SPEC §C.3
+    warmup=None,          # SPEC §C.3's 1000 steps, capped at 10% of the run so short runs still decay
+    final_lr_frac=0.1,    # paper §4.1: pretraining's linear decay to 10%
+    weight_decay=0.1,     # SPEC §C.3
+    grad_clip=0.0,        # off, as official
+    epochs=25,            # paper §4.1: one pair per file per epoch
+    max_iters=None,
+    stop_at=None,
+    eval_interval=None,   # one epoch (0: only at the end)
+    log_interval=10,
+    ckpt_interval=None,   # one epoch (and one at the end)
+    workers=2,
+    compile=1,
+    device="auto",
+    seed=0,               # head init (all weights with --init none), data order, slices, augmentation
+)
+
+
+def get_args(argv=None):
+    ap = argparse.ArgumentParser(description="Aria contrastive finetune: a pretrained LM -> a MIDI embedding model.",
+                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    ap.add_argument("--init", default=None,
+                    help="pretrained checkpoint: a file (official .safetensors or ours) or an output folder; "
+                         "none = random init of --preset (paper Table 2, Aria_e=25†)")
+    ap.add_argument("--preset", default="tiny", choices=list(M.PRESETS), help="model size for --init none (as pretrain.py)")
+    ap.add_argument("--data", default=None,
+                    help="dataset folder written by prepare.py (paper §4.1: the finetuning data, compositional "
+                         "duplicates kept)")
+    ap.add_argument("--emb_size", type=int, default=512, help="embedding width of the new head (paper §3.3)")
+    ap.add_argument("--min_notes", type=int, default=100, help="notes per view at least (paper §3.3, SPEC §C.3)")
+    ap.add_argument("--max_notes", type=int, default=650, help="notes per view at most (paper §3.3, SPEC §C.3)")
+    ap.add_argument("--max_len", type=int, default=2048,
+                    help="tokens per view at most, the last forced to <E> (SPEC §C.3: 2048)")
+    ap.add_argument("--no_augment", dest="augment", action="store_false",
+                    help="turn off the per-view augmentation (on: paper §3.3; the official code has it off, SPEC §C.3)")
+    ap.add_argument("--loss", default="ntxent", choices=["ntxent", "official"],
+                    help="ntxent: paper eq. 2, all 2N-2 other embeddings are negatives; official: the official "
+                         "code's B x B cross-view loss (SPEC §C.3)")
+    ap.add_argument("--temperature", type=float, default=0.1,
+                    help="NT-Xent temperature (paper §4.1: 0.1; the official code hard-codes 0.5)")
+    ap.add_argument("--eval_files", type=int, default=128,
+                    help="validation files per evaluation (their pairs are fixed, without augmentation)")
+    M.add_train_args(ap, **DEFAULTS)
+    args = ap.parse_args(argv)
+    args = M.resume_args(args, ap, args.out)
+    if not args.init or not args.data:
+        ap.error("--init and --data are required (unless --resume)")
+    return args
+
+
+# -----------------------------------------------------------------------------
+# views: random note slices of a tokenized file
+
+
+def slice_score(ids, rng, min_notes=100, max_notes=650):
+    """Token ids of one file (as prepare.py stores it) -> (Score of a random contiguous slice of
+    min..max notes at 1 tick = 1 ms, index of its first note, its note count). The slice is drawn
+    as tokenizer.random_slice / the official get_slice (SPEC §C.3): length ~ U{min..max}, start ~
+    U{0..N-min} (0 when N <= min), so slices near the end are shorter."""
+    ids = np.asarray(ids, dtype=np.int64)
+    ids = ids[ids != T.DIM_ID]
+    bos = int(np.flatnonzero(ids == T.BOS_ID)[0])
+    cls = T.TOKEN_CLASS[ids]
+    events = np.flatnonzero((cls == T.NOTE) | (cls == T.DRUM))  # the first token of every note
+    n = len(events)
+    if n == 0:
+        raise ValueError("no notes")
+    length = rng.randint(min_notes, max_notes)
+    start = rng.randint(0, n - min_notes) if n > min_notes else 0
+    end = min(start + length, n)
+    a, b = events[start], events[end] if end < n else len(ids)
+    segments = int((ids[bos + 1:a] == T.SEG_ID).sum())  # 5 s segments before the window
+    window = np.concatenate([ids[:bos + 1], np.full(segments, T.SEG_ID), ids[a:b]])
+    notes, programs = T.detokenize_notes(window)
+    score = T.Score(500, notes, [(0, T.DEFAULT_TEMPO)],  # 500 ticks per beat at 120 bpm: 1 tick = 1 ms
+                    [(0, ch, p) for ch, p in sorted(programs.items()) if ch != T.DRUM_CHANNEL], [])
+    return score, start, end - start
+
+
+def view_slices(ids, rng, min_notes=100, max_notes=650, tries=10):
+    """Two slices for the two views, drawn independently as officially (SPEC §C.3), except that a
+    second slice holding exactly the first one's notes is drawn again (up to `tries` times; paper
+    §3.3: two *different* slices). Only a file of at most min_notes notes has a single slice: its
+    views are the whole file twice, made different by augmentation alone."""
+    first, s0, n0 = slice_score(ids, rng, min_notes, max_notes)
+    for _ in range(tries):
+        second, s1, n1 = slice_score(ids, rng, min_notes, max_notes)
+        if (s1, n1) != (s0, n0):
+            break
+    return first, second
+
+
+def augment_view(ids, rng):
+    """The training augmentation of tokenizer.augment (tempo ±20% with mixup, then pitch ±5, then
+    velocity ±1 bin; same draws in the same order), without fitting the result to the input's
+    length: the view's <E> is never cut off."""
+    ids = T.tempo_scale(ids, rng.uniform(0.8, 1.2), rng)
+    ids = T.pitch_shift(ids, rng.randint(-5, 5))
+    return T.velocity_shift(ids, rng.randint(-1, 1))
+
+
+def view_tokens(score, rng, max_len=2048, augment=True):
+    """A slice's view: `prefix <S> notes <E>` (no <D>, no metadata), augmented, cut to max_len with
+    the last token forced to <E> (SPEC §C.3). -> int64 array, not padded."""
+    x = np.asarray(T.tokenize(score, dim=False), dtype=np.int64)
+    if augment:
+        x = np.asarray(augment_view(x, rng), dtype=np.int64)
+    x = x[(x != T.DIM_ID) & (x != T.PAD_ID)][:max_len]
+    if x[-1] != T.EOS_ID:
+        x[-1] = T.EOS_ID
+    return x
+
+
+class ViewPairs(torch.utils.data.Dataset):
+    """Sample g -> (ids (2, max_len) <P>-padded, <E> positions (2,)): two views of file perm[i % n],
+    epoch, i = divmod(g, len), perm drawn from (seed, epoch). len = ceil(n / per_step) * per_step,
+    so an epoch ends on a step boundary; the positions past n wrap to the epoch's first files,
+    which are not in the same batch as their first pair when per_step <= n. Slices and
+    augmentation are drawn from random.Random(f"{seed}:{g}")."""
+
+    def __init__(self, folder, split, per_step, seed, max_len=2048, min_notes=100, max_notes=650, augment=True):
+        self.bin = Path(folder) / f"{split}.bin"
+        self.offsets = np.load(Path(folder) / f"{split}.idx.npy")
+        self.n = len(self.offsets) - 1
+        self.per_step, self.seed, self.max_len, self.augment = per_step, seed, max_len, augment
+        self.min_notes, self.max_notes = min_notes, max_notes
+        self.steps_per_epoch = max(1, math.ceil(self.n / per_step))
+        self.len = self.steps_per_epoch * per_step
+        self.tokens, self.perms = None, {}
+
+    def __len__(self):
+        return self.len
+
+    def file_of(self, g):
+        epoch, i = divmod(g, self.len)
+        if epoch not in self.perms:
+            self.perms = {epoch: np.random.default_rng([self.seed, epoch]).permutation(self.n)}
+        return int(self.perms[epoch][i % self.n])
+
+    def file_ids(self, f):
+        if self.tokens is None:  # opened lazily: one memmap per worker process
+            self.tokens = np.memmap(self.bin, dtype=np.uint16, mode="r")
+        return self.tokens[self.offsets[f]:self.offsets[f + 1]].astype(np.int64)
+
+    def views(self, g, augment=None):
+        augment = self.augment if augment is None else augment
+        rng = random.Random(f"{self.seed}:{g}")
+        ids = self.file_ids(self.file_of(g))
+        slices = view_slices(ids, rng, self.min_notes, self.max_notes)
+        return [view_tokens(score, rng, self.max_len, augment) for score in slices]
+
+    def __getitem__(self, g):
+        v = self.views(g)
+        x = torch.from_numpy(np.stack([T.fit_length(x, self.max_len) for x in v]))
+        return x, torch.tensor([len(x) - 1 for x in v])
+
+
+# -----------------------------------------------------------------------------
+# losses
+
+
+def nt_xent(z1, z2, temperature=0.1):
+    """Paper eq. 2: z1, z2 (N, E) are the two views' embeddings, pair i = (z1[i], z2[i]). With
+    z = [z1; z2] L2-normalized, l(i, j) = -log(exp(s_ij / t) / sum_{k != i} exp(s_ik / t)) over
+    all 2N embeddings; the loss is the mean of l(k, k+N) and l(k+N, k) over k (eq. 2's symmetric
+    sum divided by N, SimCLR's 1/2N, so it does not grow with the batch)."""
+    n = z1.shape[0]
+    z = F.normalize(torch.cat([z1, z2]).float(), dim=-1)
+    sim = z @ z.T / temperature
+    sim = sim.masked_fill(torch.eye(2 * n, dtype=torch.bool, device=z.device), float("-inf"))
+    target = torch.cat([torch.arange(n, 2 * n), torch.arange(n)]).to(z.device)
+    return F.cross_entropy(sim, target)
+
+
+def official_loss(z1, z2, temperature=0.5):
+    """The official symmetric_nt_xent_loss_cosine (SPEC §C.3): the N x N cross-view cosine
+    similarities / t, (CE(S, arange) + CE(S^T, arange)) / 2; negatives are the other view's
+    other items only (N-1, not 2N-2)."""
+    a, b = F.normalize(z1.float(), dim=-1), F.normalize(z2.float(), dim=-1)
+    s = a @ b.T / temperature
+    target = torch.arange(len(a), device=s.device)
+    return (F.cross_entropy(s, target) + F.cross_entropy(s.T, target)) / 2
+
+
+LOSSES = {"ntxent": nt_xent, "official": official_loss}
+
+
+class _GatherWithGrad(torch.autograd.Function):
+    """all_gather whose backward gives each rank the sum over ranks of the gradients of its own
+    slice (an all_reduce of the full gradient, then the rank's rows): what
+    torch.distributed.nn.functional.all_gather does, written out because that one is deprecated
+    and, with gloo on torch 2.13, aborts the process at exit after its backward."""
+
+    @staticmethod
+    def forward(ctx, z):
+        import torch.distributed as dist
+        ctx.rank, ctx.rows = dist.get_rank(), z.shape[0]
+        parts = [torch.empty_like(z) for _ in range(dist.get_world_size())]
+        dist.all_gather(parts, z.contiguous())
+        return torch.cat(parts)
+
+    @staticmethod
+    def backward(ctx, grad):
+        import torch.distributed as dist
+        grad = grad.contiguous().clone()
+        dist.all_reduce(grad)
+        return grad[ctx.rank * ctx.rows:(ctx.rank + 1) * ctx.rows]
+
+
+def gather(z):
+    """Concatenate every process's z (B, E) in rank order, keeping the gradient path: the backward
+    sums each rank's gradient into the owner's slice, and DDP then averages over ranks, so the
+    parameters get the gradient of the global-batch loss."""
+    import torch.distributed as dist
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return z
+    return _GatherWithGrad.apply(z)
+
+
+def pair_loss(z1, z2, loss="ntxent", temperature=0.1, distributed=True):
+    """The contrastive loss of a (micro-)batch, over the global batch when distributed: every
+    process computes the same loss on the gathered embeddings (rank-major order, which is the
+    order of the one-process batch, see model.StepSampler)."""
+    if distributed:
+        z1, z2 = gather(z1), gather(z2)
+    return LOSSES[loss](z1, z2, temperature)
+
+
+def trimmed(ids, eos, multiple=64):
+    # causal: nothing after the batch's last <E> can change an output we read, so drop it;
+    # rounded up to a multiple of 64 to keep the number of shapes (compile) small
+    n = min(ids.shape[-1], -(-(int(eos.max()) + 1) // multiple) * multiple)
+    return ids[..., :n]
+
+
+def embed_pairs(model, batch):
+    """batch (ids (B, 2, L), eos (B, 2)) -> (z1 (B, E), z2 (B, E), non-pad tokens)."""
+    ids, eos = batch
+    B = ids.shape[0]
+    ids = trimmed(ids, eos).reshape(2 * B, -1)
+    z = model(ids, out_pos=eos.reshape(2 * B)).float().view(B, 2, -1)  # row 2b + v: file b, view v
+    return z[:, 0], z[:, 1], int((ids != T.PAD_ID).sum())
+
+
+def contrastive_loss(model, batch, loss="ntxent", temperature=0.1, distributed=True):
+    """M.train's loss_fn: -> (loss, tokens)."""
+    z1, z2, n = embed_pairs(model, batch)
+    return pair_loss(z1, z2, loss, temperature, distributed), n
+
+
+# -----------------------------------------------------------------------------
+
+
+def build_model(args):
+    torch.manual_seed(args.seed)  # the fresh emb_head (and everything with --init none)
+    overrides = dict(emb_size=args.emb_size, grad_checkpoint=args.grad_checkpoint)
+    if args.resume:  # architecture from our own checkpoint; M.train loads its weights
+        return M.load_model(Path(args.out) / "ckpt.pt", heads=("emb",), **overrides).train()
+    if str(args.init).lower() == "none":
+        cfg = M.PRESETS[args.preset]
+        cfg = M.replace(cfg, max_seq_len=max(cfg.max_seq_len, args.max_len), **overrides)
+        return M.Aria(cfg, ("emb",)).train()
+    model = M.load_model(args.init, heads=("emb",), **overrides).train()
+    if args.max_len > model.config.max_seq_len:
+        raise Fail(f"--max_len {args.max_len} exceeds the model's context ({model.config.max_seq_len})")
+    return model
+
+
+def main():
+    try:
+        train_main(get_args())
+    except (Fail, M.CheckpointError) as e:
+        sys.exit(f"finetune_contrastive.py: {e}")
+
+
+def train_main(args):
+    if not 1 <= args.min_notes <= args.max_notes:
+        raise Fail(f"--min_notes {args.min_notes} / --max_notes {args.max_notes}: need 1 <= min <= max")
+    if args.max_len < 16:
+        raise Fail(f"--max_len {args.max_len} is too short")
+    if args.temperature <= 0:
+        raise Fail(f"--temperature must be positive, not {args.temperature}")
+    data = Path(args.data)
+    if not (data / "meta.json").is_file():
+        raise Fail(f"{data} is not a dataset (no meta.json): run prepare.py first")
+    if json.loads((data / "meta.json").read_text())["vocab_hash"] != T.VOCAB_HASH:
+        raise Fail(f"{data} was tokenized with another vocabulary")
+    rank, world, device = M.setup_distributed(args.device)
+    model = build_model(args)
+
+    per_step = args.batch_size * args.grad_accum * world
+    train_set = ViewPairs(data, "train", per_step, args.seed, args.max_len, args.min_notes, args.max_notes, args.augment)
+    if train_set.n < args.batch_size * world:
+        raise Fail(f"{data}: {train_set.n} training files, fewer than a batch of {args.batch_size * world} "
+                   "(a file may not be its own negative): lower --batch_size")
+    spe = train_set.steps_per_epoch
+    if args.max_iters is None:
+        args.max_iters = max(1, round(args.epochs * spe))
+    args.warmup = min(args.warmup, args.max_iters) if args.warmup is not None else min(1000, args.max_iters // 10)
+    if args.eval_interval is None:
+        args.eval_interval = spe
+    args.ckpt_interval = args.ckpt_interval or spe
+    val_set = None
+    if (data / "val.idx.npy").is_file():
+        val_set = ViewPairs(data, "val", 1, args.seed, args.max_len, args.min_notes, args.max_notes, False)
+    n_val = min(val_set.n, args.eval_files) if val_set else 0
+    if rank == 0:
+        print(f"finetune_contrastive: init {args.init} ({model.num_params() / 1e6:.1f}M params, emb {model.config.emb_size}) "
+              f"on {device}, world {world}; {train_set.n} files, {spe} steps per epoch; {args.max_iters} steps "
+              f"({args.max_iters / spe:.2f} epochs) of {per_step} pairs; loss {args.loss}, t={args.temperature}, "
+              f"warmup {args.warmup}, augment {'on' if args.augment else 'off'}", flush=True)
+
+    def loss_fn(m, batch):
+        return contrastive_loss(m, batch, args.loss, args.temperature, distributed=world > 1)
+
+    def evaluate(m):
+        """val_loss over batches of the global batch size, and val_top1: how often a view's nearest
+        (cosine) among the other views of the n_val files is its partner, both directions."""
+        if n_val < 2:
+            return {}
+        zs = []
+        bs = args.batch_size * world
+        for i in range(0, n_val, bs):
+            batch = [val_set[g] for g in range(i, min(i + bs, n_val))]
+            ids, eos = torch.stack([b[0] for b in batch]).to(device), torch.stack([b[1] for b in batch]).to(device)
+            z1, z2, _ = embed_pairs(m, (ids, eos))
+            zs.append((z1, z2))
+        sizes = [len(z1) for z1, _ in zs]
+        losses = [LOSSES[args.loss](z1, z2, args.temperature) for z1, z2 in zs if len(z1) >= 2]
+        n_full = [s for s in sizes if s >= 2]
+        z1, z2 = F.normalize(torch.cat([z[0] for z in zs]), dim=-1), F.normalize(torch.cat([z[1] for z in zs]), dim=-1)
+        s = z1 @ z2.T
+        hit = torch.arange(len(s), device=s.device)
+        top1 = ((s.argmax(1) == hit).float().mean() + (s.argmax(0) == hit).float().mean()) / 2
+        return {"val_loss": sum(l.item() * k for l, k in zip(losses, n_full)) / sum(n_full), "val_top1": top1.item()}
+
+    M.train(model, args, train_set, loss_fn, evaluate, rank=rank, world=world, device=device, seq_len=args.max_len)
+    if world > 1:
+        torch.distributed.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
