@@ -1,0 +1,585 @@
+"""
+Supervised classifier finetuning of Aria (paper §4.1 "Supervised finetuning", Table 2; SPEC §C.4).
+
+    python finetune_cls.py --init out/small --labels labels.csv --out out/cls
+    python finetune_cls.py --init none --preset small --labels labels.csv --out out/cls_scratch
+    python finetune_cls.py --init out/small --labels labels.csv --n_train 100 --out out/cls_n100
+    python finetune_cls.py --init out/small --out out/p8 --labels ../shared/data/pianist8/labels_splits.csv \\
+        --label_col pianist --split_col split_midibert
+    torchrun --nproc_per_node=8 finetune_cls.py --init aria-medium-base.safetensors --labels ... --out out/cls
+    python finetune_cls.py --out out/cls --resume             # continue exactly where it stopped
+    python finetune_cls.py --ckpt out/cls --predict a.mid b.mid   # "a.mid<TAB>label<TAB>probability"
+
+labels.csv has a path column (relative to the CSV's folder or absolute), a label column and
+optionally a split column (train / valid / test); without one, a deterministic stratified split
+is made. The class list is the sorted set of labels. Every file is tokenized once up front
+(no <D>) and cut into slices of at most --slice_len tokens, each `prefix <S> ... <E>`; a training
+sample is one slice with its file's label, and the loss is cross-entropy of the class head at the
+slice's <E>. A file's prediction is the official rule: softmax at each slice's <E>, weighted by
+the slice's length, summed (SPEC §C.4). All weights train end to end (lr 1e-5, no warmup, linear
+decay, residual dropout 0 -> 0.2 over the layers); every epoch the valid (else test) split is
+evaluated, and results.json reports the test metrics at the best valid epoch (paper: best epoch).
+Which slices a step sees is a function of (seed, step) only, as in pretrain.py, so --resume needs
+no loader state and the global batch does not depend on the number of processes.
+"""
+import argparse
+import contextlib
+import csv
+import hashlib
+import json
+import math
+import multiprocessing
+import os
+import random
+import sys
+from functools import partial
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+import model as M
+import tokenizer as T
+
+SPLITS = ("train", "valid", "test")
+SPLIT_ALIASES = {"train": "train", "valid": "valid", "val": "valid", "validation": "valid", "test": "test"}
+MIN_ROOM = 16  # a slice must hold at least this many body tokens besides prefix, <S> and <E>
+
+
+class Fail(Exception):
+    """A one-line error for the user: exit status 1, no traceback."""
+
+
+# defaults: paper §4.1 "Supervised finetuning" and the official classifier_finetune (SPEC §C.4)
+DEFAULTS = dict(
+    out="out/cls",
+    batch_size=16,        # slices per process per micro-step: not stated in paper or SPEC; pretraining's 16 per GPU
+    grad_accum=1,
+    lr=1e-5,              # paper §4.1
+    warmup=0,             # paper §4.1: no warmup
+    final_lr_frac=0.1,    # SPEC §C.4: LinearLR 1 -> 0.1 (paper: linear decay)
+    weight_decay=0.1,     # SPEC §C.4
+    grad_clip=0.0,        # off, as official
+    epochs=10,            # paper §4.1: 10 epochs, the best one reported
+    max_iters=None,
+    stop_at=None,
+    eval_interval=None,   # always one epoch: every epoch is evaluated (paper §4.1)
+    log_interval=10,
+    ckpt_interval=None,   # one epoch (and one at the end)
+    workers=2,
+    compile=1,
+    device="auto",
+    seed=0,               # model/head init, data order, --n_train subset and augmentation
+)
+
+
+def get_args(argv=None):
+    ap = argparse.ArgumentParser(description="Aria classifier finetuning (and prediction with a finetuned model).",
+                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    ap.add_argument("--labels", default=None, help="CSV with a path, a label and optionally a split column (required to train)")
+    ap.add_argument("--path_col", default="path", help="CSV column of the MIDI paths (relative to the CSV's folder or absolute)")
+    ap.add_argument("--label_col", default="label", help="CSV column of the labels (Pianist8: pianist)")
+    ap.add_argument("--split_col", default="split",
+                    help="CSV column of train/valid/test (Pianist8: split_midibert); when the default column is "
+                         "absent, a deterministic stratified split is made (--valid_frac, --test_frac)")
+    ap.add_argument("--valid_frac", type=float, default=0.1, help="valid share per class when there is no split column (our choice)")
+    ap.add_argument("--test_frac", type=float, default=0.1, help="test share per class when there is no split column (our choice)")
+    ap.add_argument("--init", default=None,
+                    help="pretrained checkpoint: official .safetensors, our .pt, or a folder; omitted or none = "
+                         "random init of --preset (the from-scratch comparison, paper Table 2 †)")
+    ap.add_argument("--preset", default="tiny", choices=list(M.PRESETS), help="model size for --init none (as pretrain.py)")
+    ap.add_argument("--slice_len", type=int, default=1024, help="tokens per slice at most (SPEC §C.4: seq[:1024])")
+    ap.add_argument("--n_train", type=int, default=None,
+                    help="class-balanced subset of this many training files, drawn by --seed (paper §4.1, Table 2 "
+                         "n=100..1000); default: all")
+    ap.add_argument("--resid_dropout", type=float, default=0.2,
+                    help="residual dropout at the last layer, rising linearly from 0 at the first (paper §4.1)")
+    ap.add_argument("--reinit_eos", type=int, default=1,
+                    help="re-initialize the <E> embedding row N(0, 0.02) when starting from a checkpoint (SPEC §C.4; 1/0)")
+    ap.add_argument("--augment", action="store_true",
+                    help="pitch/tempo/velocity augmentation of training slices (SPEC §C.4 --apply_aug; off by default there)")
+    ap.add_argument("--predict", nargs="+", default=None, metavar="FILE",
+                    help="print 'file<TAB>label<TAB>probability' per MIDI file with the model in --ckpt; no training")
+    ap.add_argument("--ckpt", default=None,
+                    help="for --predict: a finetuned checkpoint file or output folder (its best.pt, else ckpt.pt); default --out")
+    M.add_train_args(ap, **DEFAULTS)
+    argv = sys.argv[1:] if argv is None else argv
+    args = ap.parse_args(argv)
+    if args.predict is None:
+        args = M.resume_args(args, ap, args.out)
+    return args, ap
+
+
+# -----------------------------------------------------------------------------
+# labels, splits, balanced subsets
+
+
+def read_labels(csv_path, path_col="path", label_col="label", split_col="split", split_required=False,
+                valid_frac=0.1, test_frac=0.1):
+    """-> (rows, classes, has_split). rows: (path resolved against the CSV's folder, label, split,
+    path as written); without a split column, stratified_split decides. classes: sorted labels.
+    Raises Fail with one line on anything malformed."""
+    p = Path(csv_path)
+    if not p.is_file():
+        raise Fail(f"{p}: no such labels file")
+    try:
+        with open(p, newline="", encoding="utf-8-sig") as f:
+            reader = csv.DictReader(f)
+            cols = [c.strip() for c in (reader.fieldnames or [])]
+            reader.fieldnames = cols
+            raw = list(reader)
+    except (UnicodeDecodeError, csv.Error) as e:
+        raise Fail(f"{p}: not a readable CSV file ({e})") from None
+    if not cols:
+        raise Fail(f"{p}: empty labels file (expected a header with {path_col!r} and {label_col!r})")
+    for col in (path_col, label_col) + ((split_col,) if split_required else ()):
+        if col not in cols:
+            raise Fail(f"{p}: no column {col!r} (columns: {', '.join(cols)})")
+    has_split = split_col in cols
+    if not raw:
+        raise Fail(f"{p}: no rows")
+    rows, seen, missing = [], set(), []
+    for line, r in enumerate(raw, start=2):
+        path, label = (r.get(path_col) or "").strip(), (r.get(label_col) or "").strip()
+        if not path or not label:
+            raise Fail(f"{p}:{line}: empty {path_col if not path else label_col}")
+        split = None
+        if has_split:
+            name = (r.get(split_col) or "").strip()
+            if name.lower() not in SPLIT_ALIASES:
+                raise Fail(f"{p}:{line}: unknown split {name!r} in column {split_col!r} (expected train, valid or test)")
+            split = SPLIT_ALIASES[name.lower()]
+        full = Path(path) if Path(path).is_absolute() else p.parent / path
+        if str(full) in seen:
+            raise Fail(f"{p}:{line}: {path} is listed twice")
+        seen.add(str(full))
+        if not full.is_file():
+            missing.append(path)
+        rows.append((str(full), label, split, path))
+    if missing:
+        raise Fail(f"{p}: {len(missing)} listed file(s) do not exist, e.g. {missing[0]} "
+                   f"(paths are relative to {p.parent})")
+    classes = sorted({r[1] for r in rows})
+    if len(classes) < 2:
+        raise Fail(f"{p}: a single class ({classes[0]!r}) in column {label_col!r}; a classifier needs two or more")
+    if not has_split:
+        splits = stratified_split([r[3] for r in rows], [r[1] for r in rows], valid_frac, test_frac)
+        rows = [(a, b, s, d) for (a, b, _, d), s in zip(rows, splits)]
+    return rows, classes, has_split
+
+
+def stratified_split(names, labels, valid_frac=0.1, test_frac=0.1):
+    """Deterministic per-class split: each class's files ordered by a hash of their CSV path
+    (stable when files are added, independent of --seed, so seeds compare the same data); the
+    first round(test_frac * n) go to test, the next round(valid_frac * n) to valid, at least one
+    each when a class has three or more files."""
+    out = ["train"] * len(names)
+    for c in sorted(set(labels)):
+        idx = sorted((i for i, l in enumerate(labels) if l == c), key=lambda i: hashlib.sha1(names[i].encode()).hexdigest())
+        n = len(idx)
+        k_test, k_valid = round(test_frac * n), round(valid_frac * n)
+        if n >= 3:
+            k_test, k_valid = max(k_test, 1 if test_frac > 0 else 0), max(k_valid, 1 if valid_frac > 0 else 0)
+        for j, i in enumerate(idx[:k_test + k_valid]):
+            out[i] = "test" if j < k_test else "valid"
+    return out
+
+
+def balanced_subset(labels, n, seed):
+    """Indices of a class-balanced subset of n items (paper §4.1 "class-balanced subsets"): each
+    class's items shuffled by (seed, class), then taken round-robin over the classes (in an order
+    shuffled by seed, which decides who gets the remainder) until n are taken. Class counts differ
+    by at most one, unless a class runs out (then the others fill up). Sorted."""
+    classes = sorted(set(labels))
+    rng = np.random.default_rng([seed, 1])
+    order = [classes[i] for i in rng.permutation(len(classes))]
+    pools = {}
+    for c in classes:
+        idx = [i for i, l in enumerate(labels) if l == c]
+        h = int(hashlib.sha1(str(c).encode()).hexdigest()[:8], 16)
+        pools[c] = [idx[j] for j in np.random.default_rng([seed, 2, h]).permutation(len(idx))]
+    chosen, depth = [], 0
+    n = min(n, len(labels))
+    while len(chosen) < n:
+        for c in order:
+            if depth < len(pools[c]) and len(chosen) < n:
+                chosen.append(pools[c][depth])
+        depth += 1
+    return sorted(chosen)
+
+
+# -----------------------------------------------------------------------------
+# tokenization and slices
+
+
+def make_slices(ids, slice_len):
+    """Cut a tokenized file `prefix <S> body [<E>]` into consecutive slices `prefix <S> part <E>` of
+    at most slice_len tokens. The official data (SPEC §C.4/C.5) tokenizes note chunks separately,
+    so each slice has its own prefix and <S>; we cut the file's tokens instead (tokenize once) and
+    repeat prefix <S> on every slice. Cuts fall before a note, drum or <T> token, never inside an
+    event, and the parts get about equal lengths (no short stub at the end of a file)."""
+    ids = np.asarray(ids)
+    bos = int(np.flatnonzero(ids == T.BOS_ID)[0])
+    head, body = ids[:bos + 1], ids[bos + 1:]
+    if len(body) and body[-1] == T.EOS_ID:
+        body = body[:-1]
+    room = slice_len - len(head) - 1  # body tokens per slice
+    if room < MIN_ROOM:
+        raise ValueError(f"--slice_len {slice_len} leaves {room} tokens after the {len(head)}-token prefix")
+    cls = T.TOKEN_CLASS[body]
+    can_cut = (cls == T.NOTE) | (cls == T.DRUM) | (body == T.SEG_ID)
+    out, start = [], 0
+    while start < len(body) or not out:
+        remaining = len(body) - start
+        if remaining <= room:
+            end = len(body)
+        else:  # k more parts of about equal length; 3 tokens of slack for cuts moved to an event start
+            k = max(2, math.ceil(remaining / (room - 3)))
+            want = start + math.ceil(remaining / k)
+            cand = start + 1 + np.flatnonzero(can_cut[start + 1:start + room + 1])  # cut points in (start, start + room]
+            end = int(cand[np.abs(cand - want).argmin()]) if len(cand) else start + room
+        out.append(np.concatenate([head, body[start:end], [T.EOS_ID]]).astype(np.uint16))
+        start = end
+    return out
+
+
+def tokenize_file(path, slice_len):
+    """-> (slices, None) or (None, one-line error). Runs in pool workers (no torch needed)."""
+    try:
+        return make_slices(T.tokenize(path, dim=False, eos=False), slice_len), None
+    except T.TokenizerError as e:
+        return None, str(e)
+    except Exception as e:  # anything else a strange file provokes: report it, never die
+        return None, f"{path}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+
+
+def tokenize_all(paths, slice_len, world=1):
+    """Tokenize every file once, in a process pool when there are many."""
+    job = partial(tokenize_file, slice_len=slice_len)
+    procs = max(1, min(16, (os.cpu_count() or 1) // world))
+    if len(paths) < 64 or procs == 1:
+        return [job(p) for p in paths]
+    with multiprocessing.Pool(procs) as pool:
+        return pool.map(job, paths, chunksize=8)
+
+
+class SliceSet(torch.utils.data.Dataset):
+    """Sample g -> (ids (L,) right-padded with <P>, position of <E>, label). An epoch is
+    steps_per_epoch * per_step samples: the slices in the order perm(seed, epoch), wrapping round to
+    fill the last step, so epochs end exactly at step boundaries; g -> (epoch g // len, perm[g % len])
+    as in pretrain.py, and augmentation (if on) is seeded by (seed, g)."""
+
+    def __init__(self, slices, labels, per_step, seed, augment):
+        self.slices, self.labels, self.seed, self.augment = slices, labels, seed, augment
+        self.n = len(slices)
+        self.steps_per_epoch = max(1, math.ceil(self.n / per_step))
+        self.len = self.steps_per_epoch * per_step
+        self.width = max(len(s) for s in slices)
+        self.perms = {}
+
+    def __len__(self):
+        return self.len
+
+    def __getitem__(self, g):
+        epoch, i = divmod(g, self.len)
+        if epoch not in self.perms:
+            self.perms = {epoch: np.random.default_rng([self.seed, epoch]).permutation(self.n)}
+        k = int(self.perms[epoch][i % self.n])
+        x = self.slices[k].astype(np.int64)
+        if self.augment:
+            x = T.augment(x, random.Random(f"{self.seed}:{g}"))
+            if not (x == T.EOS_ID).any():  # a tempo stretch pushed <E> out: force it (official)
+                x[-1] = T.EOS_ID
+        eos = int(np.flatnonzero(x == T.EOS_ID)[0])
+        return torch.from_numpy(T.fit_length(x, self.width)), eos, self.labels[k]
+
+
+def trimmed(ids, eos, multiple=64):
+    # causal attention: nothing after the last <E> of the batch can change the outputs we read,
+    # so drop it; rounded up to a multiple of 64 to keep the number of shapes (compile) small
+    n = min(ids.shape[1], -(-(int(eos.max()) + 1) // multiple) * multiple)
+    return ids[:, :n]
+
+
+def cls_loss(model, batch):
+    """Cross-entropy of the class head at each slice's <E> (SPEC §C.4)."""
+    ids, eos, y = batch
+    ids = trimmed(ids, eos)
+    logits = model(ids, out_pos=eos)  # (B, C)
+    return F.cross_entropy(logits.float(), y), int((ids != T.PAD_ID).sum())
+
+
+# -----------------------------------------------------------------------------
+# prediction, metrics
+
+
+def aggregate(slice_probs, lengths):
+    """The official file prediction (SPEC §C.4): the softmax at each slice's <E> (S, C), weighted
+    by the slice's count of non-pad tokens (S,), summed. Divided by the total weight, so it is a
+    distribution (the argmax is unchanged)."""
+    w = torch.as_tensor(lengths, dtype=torch.float64)
+    p = torch.as_tensor(slice_probs, dtype=torch.float64)
+    return (w[:, None] * p).sum(0) / w.sum()
+
+
+@torch.no_grad()
+def predict_files(model, files, device, batch_size=16, rank=0, world=1):
+    """files: list of lists of slices -> (n_files, C) float64 file probabilities. Under DDP each
+    rank does files rank, rank + world, ... and the results are summed across ranks."""
+    model.eval()
+    C = model.config.class_size
+    mine = [(f, s) for f in range(rank, len(files), world) for s in files[f]]
+    mine.sort(key=lambda fs: -len(fs[1]))  # similar lengths together: less padding
+    per_file = {}
+    for i in range(0, len(mine), batch_size):
+        chunk = mine[i:i + batch_size]
+        width = len(chunk[0][1])
+        ids = torch.stack([torch.from_numpy(T.fit_length(s.astype(np.int64), width)) for _, s in chunk]).to(device)
+        eos = torch.tensor([len(s) - 1 for _, s in chunk], device=device)
+        probs = model(ids, out_pos=eos).float().softmax(-1).double().cpu()  # (b, C)
+        for (f, s), p in zip(chunk, probs):
+            per_file.setdefault(f, []).append((p, len(s)))
+    out = torch.zeros(len(files), C, dtype=torch.float64)
+    for f, ps in per_file.items():
+        out[f] = aggregate(torch.stack([p for p, _ in ps]), [n for _, n in ps])
+    if world > 1:
+        t = out.to(device, torch.float32)  # NCCL has no float64 on every build; probabilities need no more
+        torch.distributed.all_reduce(t)
+        out = t.double().cpu()
+    return out
+
+
+def metrics(y_true, y_pred, classes):
+    """Accuracy, macro-F1 (over the classes that occur in y_true or y_pred, as sklearn), per-class
+    precision/recall/F1/support, and the confusion matrix (rows: true class, columns: predicted)."""
+    C = len(classes)
+    conf = np.zeros((C, C), dtype=np.int64)
+    for t, p in zip(y_true, y_pred):
+        conf[t, p] += 1
+    per_class, f1s = {}, []
+    for c, name in enumerate(classes):
+        tp, pred, true = conf[c, c], conf[:, c].sum(), conf[c].sum()
+        prec = tp / pred if pred else 0.0
+        rec = tp / true if true else 0.0
+        f1 = 2 * prec * rec / (prec + rec) if prec + rec else 0.0
+        per_class[name] = {"precision": round(float(prec), 4), "recall": round(float(rec), 4),
+                           "f1": round(float(f1), 4), "support": int(true)}
+        if pred or true:
+            f1s.append(f1)
+    n = int(conf.sum())
+    return {"accuracy": round(float(np.trace(conf) / n), 4) if n else 0.0,
+            "macro_f1": round(float(np.mean(f1s)), 4) if f1s else 0.0,
+            "n_files": n, "per_class": per_class, "confusion": conf.tolist()}
+
+
+def format_metrics(name, m, classes):
+    w = max(8, max(len(c) for c in classes))
+    lines = [f"  {name}: accuracy {m['accuracy']:.4f} | macro-F1 {m['macro_f1']:.4f} | {m['n_files']} files",
+             f"    {'class':{w}s}  precision  recall      f1  support"]
+    for c in classes:
+        pc = m["per_class"][c]
+        lines.append(f"    {c:{w}s}  {pc['precision']:9.3f}  {pc['recall']:6.3f}  {pc['f1']:6.3f}  {pc['support']:7d}")
+    lines.append(f"    confusion (rows: true, columns: predicted)")
+    lines.append(f"    {'':{w}s}  " + " ".join(f"{c[:6]:>6s}" for c in classes))
+    for c, row in zip(classes, m["confusion"]):
+        lines.append(f"    {c:{w}s}  " + " ".join(f"{v:6d}" for v in row))
+    return "\n".join(lines)
+
+
+def _write_json(path, obj):
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=1) + "\n")
+    os.replace(tmp, path)
+
+
+# -----------------------------------------------------------------------------
+# predict mode
+
+
+def predict_main(args):
+    src = Path(args.ckpt or args.out)
+    if src.is_dir() and (src / "best.pt").is_file():
+        src = src / "best.pt"  # the best valid epoch, not the last one
+    ckpt = M.load_checkpoint(src)
+    classes = ckpt.get("classes") or ckpt.get("args", {}).get("classes")
+    slice_len = ckpt.get("slice_len") or ckpt.get("args", {}).get("slice_len") or 1024
+    if not classes:
+        raise Fail(f"{M.resolve_checkpoint(src)}: no class names inside (not written by finetune_cls.py)")
+    _, _, device = M.setup_distributed(args.device)
+    model = M.load_model(src, device=device, heads=("cls",))
+    if model.config.class_size != len(classes):
+        raise Fail(f"{src}: class head has {model.config.class_size} outputs for {len(classes)} class names")
+    failed = 0
+    for path in args.predict:
+        slices, err = tokenize_file(path, slice_len)
+        if err:
+            print(f"finetune_cls.py: {err}", file=sys.stderr, flush=True)
+            failed += 1
+            continue
+        with (torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()):
+            p = predict_files(model, [slices], device)[0]
+        k = int(p.argmax())
+        print(f"{path}\t{classes[k]}\t{p[k]:.4f}", flush=True)
+    return 1 if failed else 0
+
+
+# -----------------------------------------------------------------------------
+# training
+
+
+def build_model(args, n_classes, out):
+    overrides = dict(class_size=n_classes, resid_dropout=args.resid_dropout, grad_checkpoint=args.grad_checkpoint)
+    torch.manual_seed(args.seed)  # the fresh class head (and everything with --init none)
+    if args.resume:  # architecture (and weights, reloaded by M.train anyway) from our own checkpoint
+        return M.load_model(Path(out) / "ckpt.pt", heads=("cls",), **overrides)
+    if args.init in (None, "", "none"):
+        cfg = M.PRESETS[args.preset]
+        cfg = M.replace(cfg, max_seq_len=max(cfg.max_seq_len, args.slice_len), **overrides)
+        return M.Aria(cfg, ("cls",))
+    model = M.load_model(args.init, heads=("cls",), **overrides)
+    if args.reinit_eos:
+        # as the official classifier_finetune (SPEC §C.4; the paper does not mention it): the <E> row
+        # becomes N(0, 0.02). A plausible reason: in pretraining <E> only marks "the next file
+        # starts here", so its row carries no use for a read-out; a small fresh vector is a
+        # neutral query the finetune shapes freely. --reinit_eos 0 keeps the pretrained row.
+        with torch.no_grad():
+            model.model.tok_embeddings.weight[T.EOS_ID].normal_(0.0, 0.02)
+    if args.slice_len > model.config.max_seq_len:
+        raise Fail(f"--slice_len {args.slice_len} exceeds the model's context ({model.config.max_seq_len})")
+    return model
+
+
+def main():
+    try:
+        args, _ = get_args()
+        if args.predict is not None:
+            sys.exit(predict_main(args))
+        train_main(args)
+    except (Fail, M.CheckpointError) as e:
+        sys.exit(f"finetune_cls.py: {e}")
+
+
+def train_main(args):
+    if not args.labels:
+        raise Fail("--labels is required (a CSV with path and label columns; see --help)")
+    if args.slice_len < MIN_ROOM + 8:
+        raise Fail(f"--slice_len {args.slice_len} is too short")
+    rank, world, device = M.setup_distributed(args.device)
+    out, master = Path(args.out), rank == 0
+
+    def say(*a, **k):
+        if master:
+            print(*a, **k, flush=True)
+
+    rows, classes, has_split = read_labels(args.labels, args.path_col, args.label_col, args.split_col,
+                                           args.split_col != "split", args.valid_frac, args.test_frac)
+    cls_id = {c: i for i, c in enumerate(classes)}
+    results = tokenize_all([r[0] for r in rows], args.slice_len, world)
+    skipped = []
+    files = {s: [] for s in SPLITS}  # split -> [(path, label id, slices)]
+    for (path, label, split, _), (slices, err) in zip(rows, results):
+        if err:
+            skipped.append(err)
+            say(f"finetune_cls.py: skipping {err}", file=sys.stderr)
+        else:
+            files[split].append((path, cls_id[label], slices))
+    if args.n_train is not None:
+        if args.n_train < len(classes):
+            raise Fail(f"--n_train {args.n_train} is fewer than the {len(classes)} classes")
+        keep = balanced_subset([f[1] for f in files["train"]], args.n_train, args.seed)
+        files["train"] = [files["train"][i] for i in keep]
+    if len({f[1] for f in files["train"]}) < 2:
+        raise Fail(f"{args.labels}: fewer than two classes among the readable training files")
+    select = "valid" if files["valid"] else "test"
+    if not files[select]:
+        raise Fail(f"{args.labels}: no readable valid or test files to evaluate on")
+    start_step, rng_at_resume = 0, None
+    if args.resume:
+        saved = M.load_checkpoint(out / "ckpt.pt")
+        if saved.get("args", {}).get("classes") != classes:
+            raise Fail(f"{args.labels}: its classes differ from those of the run in {out}")
+        start_step, rng_at_resume = saved["step"], saved.get("rng_cpu")
+        del saved
+    args.classes = classes  # saved in every checkpoint (vars(args)): --predict needs the names
+
+    model = build_model(args, len(classes), out)
+    train_slices = [s for f in files["train"] for s in f[2]]
+    train_labels = [f[1] for f in files["train"] for _ in f[2]]
+    per_step = args.batch_size * args.grad_accum * world
+    train_set = SliceSet(train_slices, train_labels, per_step, args.seed, args.augment)
+    spe = train_set.steps_per_epoch
+    if args.max_iters is None:
+        args.max_iters = max(1, round(args.epochs * spe))
+    args.warmup = min(args.warmup, args.max_iters)
+    args.eval_interval = spe  # evaluate after every epoch
+    args.ckpt_interval = args.ckpt_interval or spe
+    counts = {s: len(files[s]) for s in SPLITS}
+    say(f"finetune_cls: {len(classes)} classes {classes}; files {counts} ({len(skipped)} skipped); "
+        f"{len(train_slices)} training slices of <= {args.slice_len} tokens; "
+        f"init {f'none ({args.preset}, random)' if args.init in (None, '', 'none') else args.init} "
+        f"({model.num_params() / 1e6:.1f}M params) "
+        f"on {device}, world {world}; {args.max_iters} steps of {per_step} slices "
+        f"({args.max_iters / spe:.2f} epochs of {spe} steps)")
+
+    # results.json: one entry per evaluation; on resume, the entries up to the resumed step stay
+    res_path = out / "results.json"
+    history = []
+    if args.resume and res_path.is_file():
+        history = [e for e in json.loads(res_path.read_text()).get("epochs", []) if e["step"] <= start_step]
+    eval_sets = {s: files[s] for s in ("valid", "test") if files[s]}
+    calls = [0]  # loss_fn calls; M.train does not tell evaluate the step
+
+    def loss_fn(m, batch):
+        if calls[0] == 0 and rng_at_resume is not None:
+            # M.train restores the CPU RNG and then creates the DataLoader iterator, which draws a
+            # base seed from it: without this the dropout masks after a resume would be shifted by
+            # one draw from those of an uninterrupted run (harmless once M.train is fixed)
+            torch.set_rng_state(rng_at_resume)
+        calls[0] += 1
+        return cls_loss(m, batch)
+
+    def evaluate(m):
+        step = start_step + calls[0] // args.grad_accum
+        if step % spe and step < args.max_iters:
+            return {}  # a --stop_at in mid-epoch: the resumed job evaluates at the epoch's end
+        entry = {"epoch": round(step / spe, 3), "step": step}
+        for name, fs in eval_sets.items():
+            probs = predict_files(m, [f[2] for f in fs], device, args.batch_size, rank, world)
+            entry[name] = metrics([f[1] for f in fs], probs.argmax(1).tolist(), classes)
+        history[:] = [e for e in history if e["step"] != step] + [entry]  # (a resume at the very end re-evaluates)
+        key = lambda e: (e[select]["accuracy"], e[select]["macro_f1"], -e["step"])
+        best = max(history, key=key)
+        if master:
+            say(f"epoch {entry['epoch']:g} (step {step})")
+            for name in eval_sets:
+                say(format_metrics(name, entry[name], classes))
+            summary = {"classes": classes, "files": counts, "split": "csv" if has_split else "stratified",
+                       "skipped": skipped,
+                       "train_slices": len(train_slices), "steps_per_epoch": spe, "selected_on": select,
+                       "best": {"epoch": best["epoch"], "step": best["step"],
+                                **{k: best[k] for k in eval_sets}},
+                       "max_over_epochs": {f"{s}_{k}": max(e[s][k] for e in history)
+                                           for s in eval_sets for k in ("accuracy", "macro_f1")},
+                       "epochs": history, "args": vars(args)}
+            _write_json(res_path, summary)
+            if best is entry:  # keep the best epoch's weights for --predict
+                M.save_checkpoint(out / "best.pt", m, classes=classes, slice_len=args.slice_len, step=step,
+                                  epoch=entry["epoch"], args=vars(args))
+        rec = {"epoch": entry["epoch"]}
+        for name in eval_sets:
+            rec[f"{name}_acc"], rec[f"{name}_f1"] = entry[name]["accuracy"], entry[name]["macro_f1"]
+        return rec
+
+    M.train(model, args, train_set, loss_fn, evaluate, rank=rank, world=world, device=device, seq_len=args.slice_len)
+    if master and history:
+        b = max(history, key=lambda e: (e[select]["accuracy"], e[select]["macro_f1"], -e["step"]))
+        say(f"best epoch {b['epoch']:g} (by {select} accuracy): " + " | ".join(
+            f"{s} accuracy {b[s]['accuracy']:.4f} macro-F1 {b[s]['macro_f1']:.4f}" for s in eval_sets)
+            + f"; results in {res_path}")
+    if world > 1:
+        torch.distributed.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
