@@ -818,12 +818,15 @@ def train(model, args, dataset, loss_fn, evaluate=None, tokens_per_micro=None, r
         with torch.no_grad(), autocast:
             metrics = evaluate(raw)
         model.train()
+        if not metrics:
+            return
         log({"step": step, **metrics}, f"step {step:6d} | " + " | ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
 
     stop = min(args.max_iters, args.stop_at or args.max_iters)
     loader = torch.utils.data.DataLoader(
         dataset, batch_size=args.batch_size, sampler=StepSampler(step, args.batch_size, args.grad_accum, rank, world),
-        num_workers=args.workers, pin_memory=device.type == "cuda", persistent_workers=args.workers > 0)
+        num_workers=args.workers, pin_memory=device.type == "cuda", persistent_workers=args.workers > 0,
+        generator=torch.Generator().manual_seed(0))  # iter(loader) must not draw from the restored global RNG
     it = iter(loader)
     model.train()
     t_last, t_start, step_start, step_last, tokens = time.time(), time.time(), step, step, 0
