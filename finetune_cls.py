@@ -494,12 +494,12 @@ def train_main(args):
     select = "valid" if files["valid"] else "test"
     if not files[select]:
         raise Fail(f"{args.labels}: no readable valid or test files to evaluate on")
-    start_step, rng_at_resume = 0, None
+    start_step = 0
     if args.resume:
         saved = M.load_checkpoint(out / "ckpt.pt")
         if saved.get("args", {}).get("classes") != classes:
             raise Fail(f"{args.labels}: its classes differ from those of the run in {out}")
-        start_step, rng_at_resume = saved["step"], saved.get("rng_cpu")
+        start_step = saved["step"]
         del saved
     args.classes = classes  # saved in every checkpoint (vars(args)): --predict needs the names
 
@@ -531,11 +531,6 @@ def train_main(args):
     calls = [0]  # loss_fn calls; M.train does not tell evaluate the step
 
     def loss_fn(m, batch):
-        if calls[0] == 0 and rng_at_resume is not None:
-            # M.train restores the CPU RNG and then creates the DataLoader iterator, which draws a
-            # base seed from it: without this the dropout masks after a resume would be shifted by
-            # one draw from those of an uninterrupted run (harmless once M.train is fixed)
-            torch.set_rng_state(rng_at_resume)
         calls[0] += 1
         return cls_loss(m, batch)
 

@@ -150,21 +150,12 @@ def view_slices(ids, rng, min_notes=100, max_notes=650, tries=10):
     return first, second
 
 
-def augment_view(ids, rng):
-    """The training augmentation of tokenizer.augment (tempo ±20% with mixup, then pitch ±5, then
-    velocity ±1 bin; same draws in the same order), without fitting the result to the input's
-    length: the view's <E> is never cut off."""
-    ids = T.tempo_scale(ids, rng.uniform(0.8, 1.2), rng)
-    ids = T.pitch_shift(ids, rng.randint(-5, 5))
-    return T.velocity_shift(ids, rng.randint(-1, 1))
-
-
 def view_tokens(score, rng, max_len=2048, augment=True):
     """A slice's view: `prefix <S> notes <E>` (no <D>, no metadata), augmented, cut to max_len with
     the last token forced to <E> (SPEC §C.3). -> int64 array, not padded."""
     x = np.asarray(T.tokenize(score, dim=False), dtype=np.int64)
     if augment:
-        x = np.asarray(augment_view(x, rng), dtype=np.int64)
+        x = T.augment(x, rng, fit=False)  # the view's <E> is never cut off
     x = x[(x != T.DIM_ID) & (x != T.PAD_ID)][:max_len]
     if x[-1] != T.EOS_ID:
         x[-1] = T.EOS_ID

@@ -680,9 +680,10 @@ def per_piece(ids, fn):
     return fit_length(np.concatenate(parts) if parts else ids, len(ids))
 
 
-def augment(ids, rng, pitch=5, velocity=1, tempo=0.2, mixup=True):
+def augment(ids, rng, pitch=5, velocity=1, tempo=0.2, mixup=True, fit=True):
     """Training augmentation (SPEC §A.8 `export_data_aug`): tempo, then pitch, then velocity,
-    drawn per piece. `rng` is a random.Random, so a seed reproduces it."""
+    drawn per piece. `rng` is a random.Random, so a seed reproduces it. fit=False keeps the
+    stretched length (one piece, e.g. a contrastive view whose <E> must survive)."""
     def one(part):
         if tempo:
             part = tempo_scale(part, rng.uniform(1 - tempo, 1 + tempo), rng if mixup else None)
@@ -691,7 +692,7 @@ def augment(ids, rng, pitch=5, velocity=1, tempo=0.2, mixup=True):
         if velocity:
             part = velocity_shift(part, rng.randint(-velocity, velocity))
         return part
-    return per_piece(ids, one)
+    return per_piece(ids, one) if fit else np.asarray(one(np.asarray(ids, dtype=np.int64)), dtype=np.int64)
 
 
 def fit_length(ids, length):
