@@ -20,7 +20,9 @@ the slice's length, summed (SPEC §C.4). All weights train end to end (lr 1e-5, 
 decay, residual dropout 0 -> 0.2 over the layers); every epoch the valid (else test) split is
 evaluated, and results.json reports the test metrics at the best valid epoch (paper: best epoch).
 Which slices a step sees is a function of (seed, step) only, as in pretrain.py, so --resume needs
-no loader state and the global batch does not depend on the number of processes.
+no loader state and the global batch does not depend on the number of processes. The model runs
+under bf16 autocast on CUDA (--dtype); the loss, the softmaxes and the slice aggregation are float32
+(float64) outside it. The training loop is pretrain.py's plus one evaluation per epoch.
 """
 import argparse
 import contextlib
@@ -32,6 +34,7 @@ import multiprocessing
 import os
 import random
 import sys
+import time
 from functools import partial
 from pathlib import Path
 
@@ -51,30 +54,13 @@ class Fail(Exception):
     """A one-line error for the user: exit status 1, no traceback."""
 
 
-# defaults: paper §4.1 "Supervised finetuning" and the official classifier_finetune (SPEC §C.4)
-DEFAULTS = dict(
-    out="out/cls",
-    batch_size=16,        # slices per process per micro-step: not stated in paper or SPEC; pretraining's 16 per GPU
-    grad_accum=1,
-    lr=1e-5,              # paper §4.1
-    warmup=0,             # paper §4.1: no warmup
-    final_lr_frac=0.1,    # SPEC §C.4: LinearLR 1 -> 0.1 (paper: linear decay)
-    weight_decay=0.1,     # SPEC §C.4
-    grad_clip=0.0,        # off, as official
-    epochs=10,            # paper §4.1: 10 epochs, the best one reported
-    max_iters=None,
-    stop_at=None,
-    eval_interval=None,   # always one epoch: every epoch is evaluated (paper §4.1)
-    log_interval=10,
-    ckpt_interval=None,   # one epoch (and one at the end)
-    workers=2,
-    compile=1,
-    device="auto",
-    seed=0,               # model/head init, data order, --n_train subset and augmentation
-)
+# how log records print on stdout (OUT/log.jsonl has them as JSON)
+LOG_FORMAT = {"loss": "loss {:.4f}", "lr": "lr {:.2e}", "ms": "{:.0f} ms/step", "tok_s": "{:,} tok/s",
+              "mfu": "MFU {:.1%}", "eta_s": "ETA {}s"}
 
 
 def get_args(argv=None):
+    # defaults: paper §4.1 "Supervised finetuning" and the official classifier_finetune (SPEC §C.4)
     ap = argparse.ArgumentParser(description="Aria classifier finetuning (and prediction with a finetuned model).",
                                  formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     ap.add_argument("--labels", default=None, help="CSV with a path, a label and optionally a split column (required to train)")
@@ -103,12 +89,33 @@ def get_args(argv=None):
                     help="print 'file<TAB>label<TAB>probability' per MIDI file with the model in --ckpt; no training")
     ap.add_argument("--ckpt", default=None,
                     help="for --predict: a finetuned checkpoint file or output folder (its best.pt, else ckpt.pt); default --out")
-    M.add_train_args(ap, **DEFAULTS)
+    ap.add_argument("--out", default="out/cls", help="checkpoints (ckpt.pt, best.pt), log.jsonl and results.json go here")
+    ap.add_argument("--batch_size", type=int, default=16,
+                    help="slices per process per micro-step (not stated in paper or SPEC; pretraining's 16 per GPU)")
+    ap.add_argument("--grad_accum", type=int, default=1, help="micro-steps per optimizer step")
+    ap.add_argument("--lr", type=float, default=1e-5, help="peak learning rate (paper §4.1)")
+    ap.add_argument("--warmup", type=int, default=0, help="linear warmup steps (paper §4.1: none)")
+    ap.add_argument("--final_lr_frac", type=float, default=0.1,
+                    help="then linear decay to this fraction of lr (paper: linear decay; SPEC §C.4: LinearLR 1 -> 0.1)")
+    ap.add_argument("--weight_decay", type=float, default=0.1, help="AdamW, on all parameters; betas (0.9, 0.95), eps 1e-5 (SPEC §C.4)")
+    ap.add_argument("--grad_clip", type=float, default=0.0, help="clip the gradient norm (0: off, as the official code)")
+    ap.add_argument("--epochs", type=float, default=10, help="passes over the training slices (paper §4.1: 10, the best one reported)")
+    ap.add_argument("--max_iters", type=int, default=None, help="optimizer steps (default: from --epochs)")
+    ap.add_argument("--stop_at", type=int, default=None, help="stop after this step without ending the schedule (split a run into jobs)")
+    ap.add_argument("--grad_checkpoint", action="store_true", help="recompute activations in backward to save memory")
+    ap.add_argument("--log_interval", type=int, default=10, help="steps per log line (evaluation: after every epoch, paper §4.1)")
+    ap.add_argument("--ckpt_interval", type=int, default=None, help="steps between checkpoints (default: one epoch; and one at the end)")
+    ap.add_argument("--workers", type=int, default=2, help="data loader worker processes")
+    ap.add_argument("--device", default="auto", help="cpu, cuda, mps or auto")
+    ap.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"],
+                    help="autocast dtype of the model's forward/backward (loss and aggregation stay float32); "
+                         "auto: bfloat16 on CUDA, float32 elsewhere")
+    ap.add_argument("--compile", type=int, default=1, help="torch.compile the model on CUDA (1/0)")
+    ap.add_argument("--seed", type=int, default=0, help="model/head init, data order, --n_train subset and augmentation")
+    ap.add_argument("--resume", action="store_true", help="continue from OUT/ckpt.pt with its saved settings")
     argv = sys.argv[1:] if argv is None else argv
     args = ap.parse_args(argv)
-    if args.predict is None:
-        args = M.resume_args(args, ap, args.out)
-    return args, ap
+    return args if args.predict is not None else M.resume_args(args, ap, argv)
 
 
 # -----------------------------------------------------------------------------
@@ -302,11 +309,13 @@ def trimmed(ids, eos, multiple=64):
     return ids[:, :n]
 
 
-def cls_loss(model, batch):
-    """Cross-entropy of the class head at each slice's <E> (SPEC §C.4)."""
+def cls_loss(model, batch, autocast=contextlib.nullcontext()):
+    """Cross-entropy of the class head at each slice's <E> (SPEC §C.4) -> (loss, non-pad tokens).
+    The model runs under `autocast`; the loss is float32, outside it."""
     ids, eos, y = batch
     ids = trimmed(ids, eos)
-    logits = model(ids, out_pos=eos)  # (B, C)
+    with autocast:
+        logits = model(ids, out_pos=eos)  # (B, C)
     return F.cross_entropy(logits.float(), y), int((ids != T.PAD_ID).sum())
 
 
@@ -324,8 +333,9 @@ def aggregate(slice_probs, lengths):
 
 
 @torch.no_grad()
-def predict_files(model, files, device, batch_size=16, rank=0, world=1):
-    """files: list of lists of slices -> (n_files, C) float64 file probabilities. Under DDP each
+def predict_files(model, files, device, batch_size=16, rank=0, world=1, autocast=contextlib.nullcontext()):
+    """files: list of lists of slices -> (n_files, C) float64 file probabilities. The model runs
+    under `autocast`, the softmax and aggregation in float32/float64 outside it. Under DDP each
     rank does files rank, rank + world, ... and the results are summed across ranks."""
     model.eval()
     C = model.config.class_size
@@ -337,7 +347,9 @@ def predict_files(model, files, device, batch_size=16, rank=0, world=1):
         width = len(chunk[0][1])
         ids = torch.stack([torch.from_numpy(T.fit_length(s.astype(np.int64), width)) for _, s in chunk]).to(device)
         eos = torch.tensor([len(s) - 1 for _, s in chunk], device=device)
-        probs = model(ids, out_pos=eos).float().softmax(-1).double().cpu()  # (b, C)
+        with autocast:
+            logits = model(ids, out_pos=eos)  # (b, C)
+        probs = logits.float().softmax(-1).double().cpu()
         for (f, s), p in zip(chunk, probs):
             per_file.setdefault(f, []).append((p, len(s)))
     out = torch.zeros(len(files), C, dtype=torch.float64)
@@ -374,17 +386,9 @@ def metrics(y_true, y_pred, classes):
 
 
 def format_metrics(name, m, classes):
-    w = max(8, max(len(c) for c in classes))
-    lines = [f"  {name}: accuracy {m['accuracy']:.4f} | macro-F1 {m['macro_f1']:.4f} | {m['n_files']} files",
-             f"    {'class':{w}s}  precision  recall      f1  support"]
-    for c in classes:
-        pc = m["per_class"][c]
-        lines.append(f"    {c:{w}s}  {pc['precision']:9.3f}  {pc['recall']:6.3f}  {pc['f1']:6.3f}  {pc['support']:7d}")
-    lines.append(f"    confusion (rows: true, columns: predicted)")
-    lines.append(f"    {'':{w}s}  " + " ".join(f"{c[:6]:>6s}" for c in classes))
-    for c, row in zip(classes, m["confusion"]):
-        lines.append(f"    {c:{w}s}  " + " ".join(f"{v:6d}" for v in row))
-    return "\n".join(lines)
+    """One line per split; per-class precision/recall and the confusion matrix are in results.json."""
+    f1 = ", ".join(f"{c} {m['per_class'][c]['f1']:.2f}" for c in classes)
+    return f"  {name}: accuracy {m['accuracy']:.4f} | macro-F1 {m['macro_f1']:.4f} | {m['n_files']} files | F1: {f1}"
 
 
 def _write_json(path, obj):
@@ -408,6 +412,8 @@ def predict_main(args):
         raise Fail(f"{M.resolve_checkpoint(src)}: no class names inside (not written by finetune_cls.py)")
     _, _, device = M.setup_distributed(args.device)
     model = M.load_model(src, device=device, heads=("cls",))
+    amp = M.autocast_dtype(args.dtype, device)
+    autocast = torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None)
     if model.config.class_size != len(classes):
         raise Fail(f"{src}: class head has {model.config.class_size} outputs for {len(classes)} class names")
     failed = 0
@@ -417,8 +423,7 @@ def predict_main(args):
             print(f"finetune_cls.py: {err}", file=sys.stderr, flush=True)
             failed += 1
             continue
-        with (torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()):
-            p = predict_files(model, [slices], device)[0]
+        p = predict_files(model, [slices], device, autocast=autocast)[0]
         k = int(p.argmax())
         print(f"{path}\t{classes[k]}\t{p[k]:.4f}", flush=True)
     return 1 if failed else 0
@@ -431,7 +436,7 @@ def predict_main(args):
 def build_model(args, n_classes, out):
     overrides = dict(class_size=n_classes, resid_dropout=args.resid_dropout, grad_checkpoint=args.grad_checkpoint)
     torch.manual_seed(args.seed)  # the fresh class head (and everything with --init none)
-    if args.resume:  # architecture (and weights, reloaded by M.train anyway) from our own checkpoint
+    if args.resume:  # architecture (its weights are loaded by the loop) from our own checkpoint
         return M.load_model(Path(out) / "ckpt.pt", heads=("cls",), **overrides)
     if args.init in (None, "", "none"):
         cfg = M.PRESETS[args.preset]
@@ -439,10 +444,8 @@ def build_model(args, n_classes, out):
         return M.Aria(cfg, ("cls",))
     model = M.load_model(args.init, heads=("cls",), **overrides)
     if args.reinit_eos:
-        # as the official classifier_finetune (SPEC §C.4; the paper does not mention it): the <E> row
-        # becomes N(0, 0.02). A plausible reason: in pretraining <E> only marks "the next file
-        # starts here", so its row carries no use for a read-out; a small fresh vector is a
-        # neutral query the finetune shapes freely. --reinit_eos 0 keeps the pretrained row.
+        # as the official classifier_finetune (SPEC §C.4; the paper does not say): in pretraining <E>
+        # only marks "the next file starts here", so a small fresh row is a neutral query to finetune
         with torch.no_grad():
             model.model.tok_embeddings.weight[T.EOS_ID].normal_(0.0, 0.02)
     if args.slice_len > model.config.max_seq_len:
@@ -452,33 +455,34 @@ def build_model(args, n_classes, out):
 
 def main():
     try:
-        args, _ = get_args()
+        args = get_args()
         if args.predict is not None:
             sys.exit(predict_main(args))
-        train_main(args)
+        train(args)
     except (Fail, M.CheckpointError) as e:
         sys.exit(f"finetune_cls.py: {e}")
 
 
-def train_main(args):
+def train(args):
     if not args.labels:
         raise Fail("--labels is required (a CSV with path and label columns; see --help)")
     if args.slice_len < MIN_ROOM + 8:
         raise Fail(f"--slice_len {args.slice_len} is too short")
     rank, world, device = M.setup_distributed(args.device)
     out, master = Path(args.out), rank == 0
+    amp = M.autocast_dtype(args.dtype, device)
+    autocast = torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None)
 
     def say(*a, **k):
         if master:
             print(*a, **k, flush=True)
 
+    # data: every file tokenized once and cut into slices; an optional balanced training subset
     rows, classes, has_split = read_labels(args.labels, args.path_col, args.label_col, args.split_col,
                                            args.split_col != "split", args.valid_frac, args.test_frac)
     cls_id = {c: i for i, c in enumerate(classes)}
-    results = tokenize_all([r[0] for r in rows], args.slice_len, world)
-    skipped = []
-    files = {s: [] for s in SPLITS}  # split -> [(path, label id, slices)]
-    for (path, label, split, _), (slices, err) in zip(rows, results):
+    skipped, files = [], {s: [] for s in SPLITS}  # split -> [(path, label id, slices)]
+    for (path, label, split, _), (slices, err) in zip(rows, tokenize_all([r[0] for r in rows], args.slice_len, world)):
         if err:
             skipped.append(err)
             say(f"finetune_cls.py: skipping {err}", file=sys.stderr)
@@ -487,23 +491,18 @@ def train_main(args):
     if args.n_train is not None:
         if args.n_train < len(classes):
             raise Fail(f"--n_train {args.n_train} is fewer than the {len(classes)} classes")
-        keep = balanced_subset([f[1] for f in files["train"]], args.n_train, args.seed)
-        files["train"] = [files["train"][i] for i in keep]
+        files["train"] = [files["train"][i] for i in balanced_subset([f[1] for f in files["train"]], args.n_train, args.seed)]
     if len({f[1] for f in files["train"]}) < 2:
         raise Fail(f"{args.labels}: fewer than two classes among the readable training files")
     select = "valid" if files["valid"] else "test"
     if not files[select]:
         raise Fail(f"{args.labels}: no readable valid or test files to evaluate on")
-    start_step = 0
-    if args.resume:
-        saved = M.load_checkpoint(out / "ckpt.pt")
-        if saved.get("args", {}).get("classes") != classes:
-            raise Fail(f"{args.labels}: its classes differ from those of the run in {out}")
-        start_step = saved["step"]
-        del saved
+    eval_sets = {s: files[s] for s in ("valid", "test") if files[s]}
+    if args.resume and M.load_checkpoint(out / "ckpt.pt").get("args", {}).get("classes") != classes:
+        raise Fail(f"{args.labels}: its classes differ from those of the run in {out}")
     args.classes = classes  # saved in every checkpoint (vars(args)): --predict needs the names
 
-    model = build_model(args, len(classes), out)
+    model = build_model(args, len(classes), out).to(device).train()
     train_slices = [s for f in files["train"] for s in f[2]]
     train_labels = [f[1] for f in files["train"] for _ in f[2]]
     per_step = args.batch_size * args.grad_accum * world
@@ -512,66 +511,149 @@ def train_main(args):
     if args.max_iters is None:
         args.max_iters = max(1, round(args.epochs * spe))
     args.warmup = min(args.warmup, args.max_iters)
-    args.eval_interval = spe  # evaluate after every epoch
     args.ckpt_interval = args.ckpt_interval or spe
     counts = {s: len(files[s]) for s in SPLITS}
+    if master:
+        out.mkdir(parents=True, exist_ok=True)
     say(f"finetune_cls: {len(classes)} classes {classes}; files {counts} ({len(skipped)} skipped); "
         f"{len(train_slices)} training slices of <= {args.slice_len} tokens; "
         f"init {f'none ({args.preset}, random)' if args.init in (None, '', 'none') else args.init} "
-        f"({model.num_params() / 1e6:.1f}M params) "
-        f"on {device}, world {world}; {args.max_iters} steps of {per_step} slices "
-        f"({args.max_iters / spe:.2f} epochs of {spe} steps)")
+        f"({model.num_params() / 1e6:.1f}M params) on {device}, world {world}, "
+        f"{'autocast ' + str(amp).replace('torch.', '') if amp else 'float32'}; {args.max_iters} steps of "
+        f"{per_step} slices ({args.max_iters / spe:.2f} epochs of {spe} steps)")
 
-    # results.json: one entry per evaluation; on resume, the entries up to the resumed step stay
-    res_path = out / "results.json"
-    history = []
-    if args.resume and res_path.is_file():
-        history = [e for e in json.loads(res_path.read_text()).get("epochs", []) if e["step"] <= start_step]
-    eval_sets = {s: files[s] for s in ("valid", "test") if files[s]}
-    calls = [0]  # loss_fn calls; M.train does not tell evaluate the step
+    # optimizer; --resume restores weights, optimizer moments, step and RNG (dropout masks included)
+    opt = M.configure_optimizer(model, args.lr, args.weight_decay, device_type=device.type)
+    step, history = 0, []  # history: one results.json entry per evaluated epoch
+    if args.resume:
+        ckpt = M.load_checkpoint(out / "ckpt.pt")
+        model.load_state_dict(ckpt["model"])
+        opt.load_state_dict(ckpt["optimizer"])
+        step = ckpt["step"]
+        torch.set_rng_state(ckpt["rng_cpu"])
+        if device.type == "cuda" and "rng_cuda" in ckpt:
+            torch.cuda.set_rng_state(ckpt["rng_cuda"], device)
+        if (out / "results.json").is_file():
+            history = [e for e in json.loads((out / "results.json").read_text())["epochs"] if e["step"] <= step]
+        say(f"resuming from {out / 'ckpt.pt'} at step {step}")
+    raw = model  # what we save and evaluate: not compiled, not wrapped
+    if device.type == "cuda" and args.compile:
+        model = torch.compile(model)
+    if world > 1:
+        model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
 
-    def loss_fn(m, batch):
-        calls[0] += 1
-        return cls_loss(m, batch)
+    def by_selection(e):  # the best epoch: valid (else test) accuracy, then macro-F1, then the earlier
+        return e[select]["accuracy"], e[select]["macro_f1"], -e["step"]
 
-    def evaluate(m):
-        step = start_step + calls[0] // args.grad_accum
-        if step % spe and step < args.max_iters:
-            return {}  # a --stop_at in mid-epoch: the resumed job evaluates at the epoch's end
+    def evaluate_epoch():
+        """Every epoch (paper §4.1: the best epoch is reported): metrics on valid and test, written
+        to results.json; best.pt keeps the best epoch's weights for --predict."""
         entry = {"epoch": round(step / spe, 3), "step": step}
         for name, fs in eval_sets.items():
-            probs = predict_files(m, [f[2] for f in fs], device, args.batch_size, rank, world)
+            probs = predict_files(raw, [f[2] for f in fs], device, args.batch_size, rank, world, autocast)
             entry[name] = metrics([f[1] for f in fs], probs.argmax(1).tolist(), classes)
-        history[:] = [e for e in history if e["step"] != step] + [entry]  # (a resume at the very end re-evaluates)
-        key = lambda e: (e[select]["accuracy"], e[select]["macro_f1"], -e["step"])
-        best = max(history, key=key)
-        if master:
-            say(f"epoch {entry['epoch']:g} (step {step})")
-            for name in eval_sets:
-                say(format_metrics(name, entry[name], classes))
-            summary = {"classes": classes, "files": counts, "split": "csv" if has_split else "stratified",
-                       "skipped": skipped,
-                       "train_slices": len(train_slices), "steps_per_epoch": spe, "selected_on": select,
-                       "best": {"epoch": best["epoch"], "step": best["step"],
-                                **{k: best[k] for k in eval_sets}},
-                       "max_over_epochs": {f"{s}_{k}": max(e[s][k] for e in history)
-                                           for s in eval_sets for k in ("accuracy", "macro_f1")},
-                       "epochs": history, "args": vars(args)}
-            _write_json(res_path, summary)
-            if best is entry:  # keep the best epoch's weights for --predict
-                M.save_checkpoint(out / "best.pt", m, classes=classes, slice_len=args.slice_len, step=step,
-                                  epoch=entry["epoch"], args=vars(args))
-        rec = {"epoch": entry["epoch"]}
+        raw.train()
+        history[:] = [e for e in history if e["step"] != step] + [entry]
+        best = max(history, key=by_selection)
+        say(f"epoch {entry['epoch']:g} (step {step})")
         for name in eval_sets:
-            rec[f"{name}_acc"], rec[f"{name}_f1"] = entry[name]["accuracy"], entry[name]["macro_f1"]
-        return rec
+            say(format_metrics(name, entry[name], classes))
+        if master:
+            _write_json(out / "results.json", {
+                "classes": classes, "files": counts, "split": "csv" if has_split else "stratified",
+                "skipped": skipped, "train_slices": len(train_slices), "steps_per_epoch": spe, "selected_on": select,
+                "best": {"epoch": best["epoch"], "step": best["step"], **{k: best[k] for k in eval_sets}},
+                "max_over_epochs": {f"{s}_{k}": max(e[s][k] for e in history)
+                                    for s in eval_sets for k in ("accuracy", "macro_f1")},
+                "epochs": history, "args": vars(args)})
+            if best is entry:
+                M.save_checkpoint(out / "best.pt", raw, classes=classes, slice_len=args.slice_len, step=step,
+                                  epoch=entry["epoch"], args=vars(args))
+        log({"step": step, "epoch": entry["epoch"],
+             **{f"{s}_{k[:3] if k == 'accuracy' else 'f1'}": entry[s][k] for s in eval_sets for k in ("accuracy", "macro_f1")}})
 
-    M.train(model, args, train_set, loss_fn, evaluate, rank=rank, world=world, device=device, seq_len=args.slice_len)
-    if master and history:
-        b = max(history, key=lambda e: (e[select]["accuracy"], e[select]["macro_f1"], -e["step"]))
+    def save():
+        if master:
+            M.save_checkpoint(out / "ckpt.pt", raw, optimizer=opt.state_dict(), step=step, args=vars(args),
+                              rng_cpu=torch.get_rng_state(),
+                              **({"rng_cuda": torch.cuda.get_rng_state(device)} if device.type == "cuda" else {}))
+        if world > 1:
+            torch.distributed.barrier()
+
+    def log(rec):  # one line on stdout, one JSON record in OUT/log.jsonl
+        if master:
+            print(" | ".join(LOG_FORMAT.get(k, k + " {}").format(v) for k, v in rec.items()), flush=True)
+            with open(out / "log.jsonl", "a") as f:
+                f.write(json.dumps(rec) + "\n")
+
+    def sync():  # CUDA runs ahead of Python: wait for it before reading a clock
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+
+    # the loader yields this rank's micro-batches from `step` on (M.StepSampler); its own
+    # generator, so that starting it does not draw from the restored global RNG
+    loader = torch.utils.data.DataLoader(
+        train_set, batch_size=args.batch_size, sampler=M.StepSampler(step, args.batch_size, args.grad_accum, rank, world),
+        num_workers=args.workers, pin_memory=device.type == "cuda", persistent_workers=args.workers > 0,
+        generator=torch.Generator().manual_seed(0))
+    batches = iter(loader)
+    stop = min(args.max_iters, args.stop_at or args.max_iters)
+    first = step
+    # rates count training only: the clock is stopped for evaluation and checkpoints, and the
+    # first step of a job (compilation, loader start-up) is reported on its own
+    t_mark, busy, n_steps, n_tokens = time.time(), 0.0, 0, 0
+    model.train()
+    while step < stop:
+        lr = M.lr_at(step, args.lr, args.warmup, args.max_iters, args.final_lr_frac)
+        for group in opt.param_groups:
+            group["lr"] = lr
+        loss_sum = torch.zeros((), device=device)
+        for micro in range(args.grad_accum):
+            batch = [x.to(device, non_blocking=True) for x in next(batches)]  # ids (B, L), <E> positions, labels
+            if world > 1:  # all-reduce gradients in the last micro-step's backward only
+                model.require_backward_grad_sync = micro == args.grad_accum - 1
+            loss, n = cls_loss(model, batch, autocast)
+            (loss / args.grad_accum).backward()
+            loss_sum += loss.detach() / args.grad_accum
+            n_tokens += n * world
+        if args.grad_clip:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        step += 1
+        n_steps += 1
+
+        if step == first + 1 and step < stop:
+            sync()
+            say(f"first step took {time.time() - t_mark:.1f} s (compilation, loader start-up); not in the rates")
+            t_mark, busy, n_steps, n_tokens = time.time(), 0.0, 0, 0
+        if step % args.log_interval == 0 or step == stop:
+            if world > 1:
+                torch.distributed.all_reduce(loss_sum, op=torch.distributed.ReduceOp.AVG)
+            loss = loss_sum.item()  # waits for the device: the clock below is honest
+            busy += time.time() - t_mark
+            rec = {"step": step, "loss": round(loss, 6), "lr": float(f"{lr:.3e}")}
+            if n_steps:  # tokens: the slices' non-pad tokens
+                mfu = M.estimate_mfu(raw.config, args.slice_len, n_tokens / busy, lm_head=False) if device.type == "cuda" else None
+                rec.update(ms=round(1e3 * busy / n_steps, 1), tok_s=round(n_tokens / busy),
+                           **({"mfu": round(mfu, 4)} if mfu else {}), eta_s=round((stop - step) * busy / n_steps))
+            log(rec)
+            t_mark, busy, n_steps, n_tokens = time.time(), 0.0, 0, 0
+        epoch_end = step % spe == 0 or step == args.max_iters  # a --stop_at mid-epoch evaluates after resuming
+        saving = step % args.ckpt_interval == 0 or step == stop
+        if epoch_end or saving:
+            sync()
+            busy += time.time() - t_mark
+            if epoch_end:
+                evaluate_epoch()
+            if saving:
+                save()
+            t_mark = time.time()
+    if history:
+        b = max(history, key=by_selection)
         say(f"best epoch {b['epoch']:g} (by {select} accuracy): " + " | ".join(
             f"{s} accuracy {b[s]['accuracy']:.4f} macro-F1 {b[s]['macro_f1']:.4f}" for s in eval_sets)
-            + f"; results in {res_path}")
+            + f"; results in {out / 'results.json'}")
     if world > 1:
         torch.distributed.destroy_process_group()
 

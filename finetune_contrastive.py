@@ -28,16 +28,21 @@ what the official code feeds its model for the same notes (SPEC §C.3: slice the
 tokenize with metadata={}), except that the official rebasing quantizes the raw onset difference:
 onsets may differ by one 10 ms step. No MIDI is re-parsed and only the window is decoded.
 
+One step embeds the views under autocast (bf16 on CUDA) and computes the loss in float32 outside
+it: with near-identical embeddings (a fresh head on an LM trunk) a bf16 similarity matrix rounds
+the logits together and its backward cancels to rounding noise, so the loss does not move.
 Which file and which slices a sample g holds depends only on (seed, g), as in the other stages:
 --resume needs no loader state, and the global batch is the same for any number of processes.
 An epoch is ceil(files / pairs per step) steps: every file gives one pair, and the last step of an
 epoch is filled up with the first files of that epoch's order (never twice in one batch).
 """
 import argparse
+import contextlib
 import json
 import math
 import random
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -52,31 +57,13 @@ class Fail(Exception):
     """A one-line error for the user: exit status 1, no traceback."""
 
 
-# defaults: paper §4.1 "Contrastive embeddings" and the official contrastive_finetune (SPEC §C.3)
-DEFAULTS = dict(
-    out="out/emb",
-    batch_size=16,        # files (= pairs, 2x views) per process per micro-step; neither paper nor SPEC
-                          # gives one: pretraining's 16 per GPU. Negatives come from all processes
-    grad_accum=1,         # adds no negatives: each micro-batch is its own contrast
-    lr=1e-5,              # paper §4.1, SPEC §C.3
-    warmup=None,          # SPEC §C.3's 1000 steps, capped at 10% of the run so short runs still decay
-    final_lr_frac=0.1,    # paper §4.1: pretraining's linear decay to 10%
-    weight_decay=0.1,     # SPEC §C.3
-    grad_clip=0.0,        # off, as official
-    epochs=25,            # paper §4.1: one pair per file per epoch
-    max_iters=None,
-    stop_at=None,
-    eval_interval=None,   # one epoch (0: only at the end)
-    log_interval=10,
-    ckpt_interval=None,   # one epoch (and one at the end)
-    workers=2,
-    compile=1,
-    device="auto",
-    seed=0,               # head init (all weights with --init none), data order, slices, augmentation
-)
+# how log records print on stdout (OUT/log.jsonl has them as JSON)
+LOG_FORMAT = {"loss": "loss {:.4f}", "val_loss": "val_loss {:.4f}", "val_top1": "val_top1 {:.4f}", "lr": "lr {:.2e}",
+              "ms": "{:.0f} ms/step", "tok_s": "{:,} tok/s", "mfu": "MFU {:.1%}", "eta_s": "ETA {}s"}
 
 
 def get_args(argv=None):
+    # defaults: paper §4.1 "Contrastive embeddings" and the official contrastive_finetune (SPEC §C.3)
     ap = argparse.ArgumentParser(description="Aria contrastive finetune: a pretrained LM -> a MIDI embedding model.",
                                  formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     ap.add_argument("--init", default=None,
@@ -86,6 +73,7 @@ def get_args(argv=None):
     ap.add_argument("--data", default=None,
                     help="dataset folder written by prepare.py (paper §4.1: the finetuning data, compositional "
                          "duplicates kept)")
+    ap.add_argument("--out", default="out/emb", help="checkpoint (ckpt.pt) and log.jsonl go here")
     ap.add_argument("--emb_size", type=int, default=512, help="embedding width of the new head (paper §3.3)")
     ap.add_argument("--min_notes", type=int, default=100, help="notes per view at least (paper §3.3, SPEC §C.3)")
     ap.add_argument("--max_notes", type=int, default=650, help="notes per view at most (paper §3.3, SPEC §C.3)")
@@ -98,11 +86,36 @@ def get_args(argv=None):
                          "code's B x B cross-view loss (SPEC §C.3)")
     ap.add_argument("--temperature", type=float, default=0.1,
                     help="NT-Xent temperature (paper §4.1: 0.1; the official code hard-codes 0.5)")
+    ap.add_argument("--batch_size", type=int, default=16,
+                    help="files (= pairs, 2x views) per process per micro-step; neither paper nor SPEC gives one: "
+                         "pretraining's 16 per GPU. Negatives come from all processes")
+    ap.add_argument("--grad_accum", type=int, default=1, help="micro-steps per optimizer step (adds no negatives)")
+    ap.add_argument("--lr", type=float, default=1e-5, help="peak learning rate (paper §4.1, SPEC §C.3)")
+    ap.add_argument("--warmup", type=int, default=None,
+                    help="linear warmup steps (default: SPEC §C.3's 1000, capped at 10%% of the run so short runs still decay)")
+    ap.add_argument("--final_lr_frac", type=float, default=0.1, help="then linear decay to this fraction of lr (paper §4.1)")
+    ap.add_argument("--weight_decay", type=float, default=0.1, help="AdamW, on all parameters; betas (0.9, 0.95), eps 1e-5 (SPEC §C.3)")
+    ap.add_argument("--grad_clip", type=float, default=0.0, help="clip the gradient norm (0: off, as the official code)")
+    ap.add_argument("--epochs", type=float, default=25, help="passes over the files, one pair per file each (paper §4.1)")
+    ap.add_argument("--max_iters", type=int, default=None, help="optimizer steps (default: from --epochs)")
+    ap.add_argument("--stop_at", type=int, default=None, help="stop after this step without ending the schedule (split a run into jobs)")
+    ap.add_argument("--grad_checkpoint", action="store_true", help="recompute activations in backward to save memory")
+    ap.add_argument("--eval_interval", type=int, default=None, help="steps between evaluations (default: one epoch; 0: only at the end)")
     ap.add_argument("--eval_files", type=int, default=128,
                     help="validation files per evaluation (their pairs are fixed, without augmentation)")
-    M.add_train_args(ap, **DEFAULTS)
-    args = ap.parse_args(argv)
-    args = M.resume_args(args, ap, args.out)
+    ap.add_argument("--log_interval", type=int, default=10, help="steps per log line")
+    ap.add_argument("--ckpt_interval", type=int, default=None, help="steps between checkpoints (default: one epoch; and one at the end)")
+    ap.add_argument("--workers", type=int, default=2, help="data loader worker processes")
+    ap.add_argument("--device", default="auto", help="cpu, cuda, mps or auto")
+    ap.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"],
+                    help="autocast dtype of the model's forward/backward (the loss is always float32); "
+                         "auto: bfloat16 on CUDA, float32 elsewhere")
+    ap.add_argument("--compile", type=int, default=1, help="torch.compile the model on CUDA (1/0)")
+    ap.add_argument("--seed", type=int, default=0,
+                    help="head init (all weights with --init none), data order, slices, augmentation")
+    ap.add_argument("--resume", action="store_true", help="continue from OUT/ckpt.pt with its saved settings")
+    argv = sys.argv[1:] if argv is None else argv
+    args = M.resume_args(ap.parse_args(argv), ap, argv)
     if not args.init or not args.data:
         ap.error("--init and --data are required (unless --resume)")
     return args
@@ -289,14 +302,18 @@ def embed_pairs(model, batch):
     ids, eos = batch
     B = ids.shape[0]
     ids = trimmed(ids, eos).reshape(2 * B, -1)
-    z = model(ids, out_pos=eos.reshape(2 * B)).float().view(B, 2, -1)  # row 2b + v: file b, view v
+    z = model(ids, out_pos=eos.reshape(2 * B)).view(B, 2, -1)  # row 2b + v: file b, view v
     return z[:, 0], z[:, 1], int((ids != T.PAD_ID).sum())
 
 
-def contrastive_loss(model, batch, loss="ntxent", temperature=0.1, distributed=True):
-    """M.train's loss_fn: -> (loss, tokens)."""
-    z1, z2, n = embed_pairs(model, batch)
-    return pair_loss(z1, z2, loss, temperature, distributed), n
+def contrastive_loss(model, batch, autocast=contextlib.nullcontext(), loss="ntxent", temperature=0.1,
+                     distributed=False):
+    """One micro-batch's loss -> (loss, non-pad tokens). The model runs under `autocast` (bf16 on
+    CUDA); the embeddings are then taken to float32 and the similarities, softmax and loss are
+    computed outside autocast, where a matmul stays float32."""
+    with autocast:
+        z1, z2, n = embed_pairs(model, batch)
+    return pair_loss(z1.float(), z2.float(), loss, temperature, distributed), n
 
 
 # -----------------------------------------------------------------------------
@@ -305,7 +322,7 @@ def contrastive_loss(model, batch, loss="ntxent", temperature=0.1, distributed=T
 def build_model(args):
     torch.manual_seed(args.seed)  # the fresh emb_head (and everything with --init none)
     overrides = dict(emb_size=args.emb_size, grad_checkpoint=args.grad_checkpoint)
-    if args.resume:  # architecture from our own checkpoint; M.train loads its weights
+    if args.resume:  # architecture from our own checkpoint; the loop loads its weights
         return M.load_model(Path(args.out) / "ckpt.pt", heads=("emb",), **overrides).train()
     if str(args.init).lower() == "none":
         cfg = M.PRESETS[args.preset]
@@ -319,12 +336,12 @@ def build_model(args):
 
 def main():
     try:
-        train_main(get_args())
+        train(get_args())
     except (Fail, M.CheckpointError) as e:
         sys.exit(f"finetune_contrastive.py: {e}")
 
 
-def train_main(args):
+def train(args):
     if not 1 <= args.min_notes <= args.max_notes:
         raise Fail(f"--min_notes {args.min_notes} / --max_notes {args.max_notes}: need 1 <= min <= max")
     if args.max_len < 16:
@@ -337,7 +354,10 @@ def train_main(args):
     if json.loads((data / "meta.json").read_text())["vocab_hash"] != T.VOCAB_HASH:
         raise Fail(f"{data} was tokenized with another vocabulary")
     rank, world, device = M.setup_distributed(args.device)
-    model = build_model(args)
+    master, out = rank == 0, Path(args.out)
+    amp = M.autocast_dtype(args.dtype, device)
+    autocast = torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None)
+    model = build_model(args).to(device)
 
     per_step = args.batch_size * args.grad_accum * world
     train_set = ViewPairs(data, "train", per_step, args.seed, args.max_len, args.min_notes, args.max_notes, args.augment)
@@ -355,37 +375,131 @@ def train_main(args):
     if (data / "val.idx.npy").is_file():
         val_set = ViewPairs(data, "val", 1, args.seed, args.max_len, args.min_notes, args.max_notes, False)
     n_val = min(val_set.n, args.eval_files) if val_set else 0
-    if rank == 0:
+    if master:
+        out.mkdir(parents=True, exist_ok=True)
         print(f"finetune_contrastive: init {args.init} ({model.num_params() / 1e6:.1f}M params, emb {model.config.emb_size}) "
-              f"on {device}, world {world}; {train_set.n} files, {spe} steps per epoch; {args.max_iters} steps "
-              f"({args.max_iters / spe:.2f} epochs) of {per_step} pairs; loss {args.loss}, t={args.temperature}, "
-              f"warmup {args.warmup}, augment {'on' if args.augment else 'off'}", flush=True)
+              f"on {device}, world {world}, {'autocast ' + str(amp).replace('torch.', '') if amp else 'float32'}; "
+              f"{train_set.n} files, {spe} steps per epoch; {args.max_iters} steps ({args.max_iters / spe:.2f} epochs) "
+              f"of {per_step} pairs; loss {args.loss}, t={args.temperature}, warmup {args.warmup}, "
+              f"augment {'on' if args.augment else 'off'}", flush=True)
 
-    def loss_fn(m, batch):
-        return contrastive_loss(m, batch, args.loss, args.temperature, distributed=world > 1)
+    # optimizer; --resume restores weights, optimizer moments, step and RNG (data order needs only the step)
+    opt = M.configure_optimizer(model, args.lr, args.weight_decay, device_type=device.type)
+    step = 0
+    if args.resume:
+        ckpt = M.load_checkpoint(out / "ckpt.pt")
+        model.load_state_dict(ckpt["model"])
+        opt.load_state_dict(ckpt["optimizer"])
+        step = ckpt["step"]
+        torch.set_rng_state(ckpt["rng_cpu"])
+        if device.type == "cuda" and "rng_cuda" in ckpt:
+            torch.cuda.set_rng_state(ckpt["rng_cuda"], device)
+        if master:
+            print(f"resuming from {out / 'ckpt.pt'} at step {step}")
+    raw = model  # what we save and evaluate: not compiled, not wrapped
+    if device.type == "cuda" and args.compile:
+        model = torch.compile(model)
+    if world > 1:
+        model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
 
-    def evaluate(m):
+    @torch.no_grad()
+    def evaluate():
         """val_loss over batches of the global batch size, and val_top1: how often a view's nearest
         (cosine) among the other views of the n_val files is its partner, both directions."""
-        if n_val < 2:
-            return {}
-        zs = []
-        bs = args.batch_size * world
+        raw.eval()
+        zs, bs = [], args.batch_size * world
         for i in range(0, n_val, bs):
             batch = [val_set[g] for g in range(i, min(i + bs, n_val))]
             ids, eos = torch.stack([b[0] for b in batch]).to(device), torch.stack([b[1] for b in batch]).to(device)
-            z1, z2, _ = embed_pairs(m, (ids, eos))
-            zs.append((z1, z2))
-        sizes = [len(z1) for z1, _ in zs]
-        losses = [LOSSES[args.loss](z1, z2, args.temperature) for z1, z2 in zs if len(z1) >= 2]
-        n_full = [s for s in sizes if s >= 2]
+            with autocast:
+                z1, z2, _ = embed_pairs(raw, (ids, eos))
+            zs.append((z1.float(), z2.float()))
+        raw.train()
+        full = [(z1, z2) for z1, z2 in zs if len(z1) >= 2]
+        val_loss = sum(LOSSES[args.loss](z1, z2, args.temperature).item() * len(z1) for z1, z2 in full)
         z1, z2 = F.normalize(torch.cat([z[0] for z in zs]), dim=-1), F.normalize(torch.cat([z[1] for z in zs]), dim=-1)
-        s = z1 @ z2.T
+        s = z1 @ z2.T  # float32: outside autocast
         hit = torch.arange(len(s), device=s.device)
         top1 = ((s.argmax(1) == hit).float().mean() + (s.argmax(0) == hit).float().mean()) / 2
-        return {"val_loss": sum(l.item() * k for l, k in zip(losses, n_full)) / sum(n_full), "val_top1": top1.item()}
+        return {"val_loss": round(val_loss / sum(len(z1) for z1, _ in full), 6), "val_top1": round(top1.item(), 4)}
 
-    M.train(model, args, train_set, loss_fn, evaluate, rank=rank, world=world, device=device, seq_len=args.max_len)
+    def save():
+        if master:
+            M.save_checkpoint(out / "ckpt.pt", raw, optimizer=opt.state_dict(), step=step, args=vars(args),
+                              rng_cpu=torch.get_rng_state(),
+                              **({"rng_cuda": torch.cuda.get_rng_state(device)} if device.type == "cuda" else {}))
+        if world > 1:
+            torch.distributed.barrier()
+
+    def log(rec):  # one line on stdout, one JSON record in OUT/log.jsonl
+        if master:
+            print(" | ".join(LOG_FORMAT.get(k, k + " {}").format(v) for k, v in rec.items()), flush=True)
+            with open(out / "log.jsonl", "a") as f:
+                f.write(json.dumps(rec) + "\n")
+
+    def sync():  # CUDA runs ahead of Python: wait for it before reading a clock
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+
+    # the loader yields this rank's micro-batches from `step` on (M.StepSampler); its own
+    # generator, so that starting it does not draw from the restored global RNG
+    loader = torch.utils.data.DataLoader(
+        train_set, batch_size=args.batch_size, sampler=M.StepSampler(step, args.batch_size, args.grad_accum, rank, world),
+        num_workers=args.workers, pin_memory=device.type == "cuda", persistent_workers=args.workers > 0,
+        generator=torch.Generator().manual_seed(0))
+    batches = iter(loader)
+    stop = min(args.max_iters, args.stop_at or args.max_iters)
+    first = step
+    # rates count training only: the clock is stopped for evaluation and checkpoints, and the
+    # first step of a job (compilation, loader start-up) is reported on its own
+    t_mark, busy, n_steps, n_tokens = time.time(), 0.0, 0, 0
+    model.train()
+    while step < stop:
+        lr = M.lr_at(step, args.lr, args.warmup, args.max_iters, args.final_lr_frac)
+        for group in opt.param_groups:
+            group["lr"] = lr
+        loss_sum = torch.zeros((), device=device)
+        for micro in range(args.grad_accum):
+            ids, eos = (x.to(device, non_blocking=True) for x in next(batches))
+            if world > 1:  # all-reduce gradients in the last micro-step's backward only
+                model.require_backward_grad_sync = micro == args.grad_accum - 1
+            # negatives gathered from every process; the loss in float32, outside autocast
+            loss, n = contrastive_loss(model, (ids, eos), autocast, args.loss, args.temperature, distributed=world > 1)
+            (loss / args.grad_accum).backward()
+            loss_sum += loss.detach() / args.grad_accum
+            n_tokens += n * world
+        if args.grad_clip:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        step += 1
+        n_steps += 1
+
+        if step == first + 1 and step < stop:
+            sync()
+            if master:
+                print(f"first step took {time.time() - t_mark:.1f} s (compilation, loader start-up); not in the rates")
+            t_mark, busy, n_steps, n_tokens = time.time(), 0.0, 0, 0
+        if step % args.log_interval == 0 or step == stop:
+            loss = loss_sum.item()  # the same on every rank (a loss of the gathered global batch)
+            busy += time.time() - t_mark
+            rec = {"step": step, "loss": round(loss, 6), "lr": float(f"{lr:.3e}")}
+            if n_steps:  # tokens: the views' non-pad tokens
+                mfu = M.estimate_mfu(raw.config, args.max_len, n_tokens / busy, lm_head=False) if device.type == "cuda" else None
+                rec.update(ms=round(1e3 * busy / n_steps, 1), tok_s=round(n_tokens / busy),
+                           **({"mfu": round(mfu, 4)} if mfu else {}), eta_s=round((stop - step) * busy / n_steps))
+            log(rec)
+            t_mark, busy, n_steps, n_tokens = time.time(), 0.0, 0, 0
+        evaluating = args.eval_interval and step % args.eval_interval == 0 or step == stop
+        saving = args.ckpt_interval and step % args.ckpt_interval == 0 or step == stop
+        if evaluating or saving:
+            sync()
+            busy += time.time() - t_mark
+            if evaluating and n_val >= 2:
+                log({"step": step, **evaluate()})
+            if saving:
+                save()
+            t_mark = time.time()
     if world > 1:
         torch.distributed.destroy_process_group()
 

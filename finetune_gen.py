@@ -13,56 +13,63 @@ A file longer than the context gives several sequences (as official `--sep_seque
 the first starts at the file's start and the last ends at the file's end, overlapping its
 predecessor so that <D> and <E> always share an example (officially the end can be split from
 its <D>); short files are right-padded with <P>, which the loss ignores. <D> is re-drawn every epoch with the official
-rule (SPEC §A.6), as the official code re-tokenizes each epoch. The loop is model.train, shared
-with pretrain.py.
+rule (SPEC §A.6), as the official code re-tokenizes each epoch. The training loop is
+pretrain.py's (bf16 autocast on CUDA, float32 loss, DDP, exact --resume), written out here too.
 """
 import argparse
+import contextlib
+import json
 import random
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 import model as M
 import tokenizer as T
 
-
-# defaults: paper §3.2 "Generative finetuning"; what the paper leaves open comes from the
-# official train.py, which this stage reuses (SPEC §C.2)
-DEFAULTS = dict(
-    out="out/gen",
-    batch_size=16,        # as pretraining (paper §4.1)
-    grad_accum=1,
-    lr=3e-4,              # the paper gives none; official get_optim (SPEC §C.2)
-    warmup=200,           # official get_optim (SPEC §C.2)
-    final_lr_frac=0.0,    # paper §3.2: annealed to zero
-    weight_decay=0.1,     # SPEC §C.2
-    grad_clip=0.0,        # off, as official
-    epochs=1,             # paper §3.2: a single epoch
-    max_iters=None,
-    stop_at=None,
-    eval_interval=0,
-    log_interval=10,
-    ckpt_interval=500,
-    workers=2,
-    compile=1,
-    device="auto",
-    seed=0,
-)
+# how log records print on stdout (OUT/log.jsonl has them as JSON)
+LOG_FORMAT = {"loss": "loss {:.4f}", "val_loss": "val_loss {:.4f}", "lr": "lr {:.2e}", "ms": "{:.0f} ms/step",
+              "tok_s": "{:,} tok/s", "mfu": "MFU {:.1%}", "eta_s": "ETA {}s"}
 
 
 def get_args(argv=None):
+    # defaults: paper §3.2 "Generative finetuning"; what the paper leaves open comes from the
+    # official train.py, which this stage reuses (SPEC §C.2)
     ap = argparse.ArgumentParser(description="Aria generative finetune (<D> ending control).",
                                  formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    ap.add_argument("--init", required=False, help="pretrained checkpoint: a file (official .safetensors or ours) or an output folder")
-    ap.add_argument("--data", required=False, help="dataset folder written by prepare.py (--strict recommended)")
+    ap.add_argument("--init", help="pretrained checkpoint: a file (official .safetensors or ours) or an output folder")
+    ap.add_argument("--data", help="dataset folder written by prepare.py (--strict recommended)")
+    ap.add_argument("--out", default="out/gen", help="checkpoint (ckpt.pt) and log.jsonl go here")
     ap.add_argument("--seq_len", type=int, default=None, help="tokens per sequence (default: the model's context, 8192 for medium)")
+    ap.add_argument("--batch_size", type=int, default=16, help="sequences per process per micro-step (as pretraining, paper §4.1)")
+    ap.add_argument("--grad_accum", type=int, default=1, help="micro-steps per optimizer step")
+    ap.add_argument("--lr", type=float, default=3e-4, help="peak learning rate (the paper gives none; official get_optim, SPEC §C.2)")
+    ap.add_argument("--warmup", type=int, default=200, help="linear warmup steps (official get_optim, SPEC §C.2)")
+    ap.add_argument("--final_lr_frac", type=float, default=0.0, help="then linear decay to this fraction of lr (paper §3.2: annealed to zero)")
+    ap.add_argument("--weight_decay", type=float, default=0.1, help="AdamW, on all parameters; betas (0.9, 0.95), eps 1e-5 (SPEC §C.2)")
+    ap.add_argument("--grad_clip", type=float, default=0.0, help="clip the gradient norm (0: off, as the official code)")
+    ap.add_argument("--epochs", type=float, default=1, help="passes over the data (paper §3.2: a single epoch); sets max_iters")
+    ap.add_argument("--max_iters", type=int, default=None, help="optimizer steps (default: from --epochs)")
+    ap.add_argument("--stop_at", type=int, default=None, help="stop after this step without ending the schedule (split a run into jobs)")
     ap.add_argument("--no_augment", dest="augment", action="store_false", help="turn off online augmentation (on, as the official train.py)")
+    ap.add_argument("--grad_checkpoint", action="store_true", help="recompute activations in backward to save memory")
+    ap.add_argument("--eval_interval", type=int, default=0, help="steps between validation losses (0: only at the end)")
     ap.add_argument("--eval_iters", type=int, default=20, help="validation batches per evaluation")
-    M.add_train_args(ap, **DEFAULTS)
-    args = ap.parse_args(argv)
-    args = M.resume_args(args, ap, args.out)
+    ap.add_argument("--log_interval", type=int, default=10, help="steps per log line")
+    ap.add_argument("--ckpt_interval", type=int, default=500, help="steps between checkpoints (and one at the end)")
+    ap.add_argument("--workers", type=int, default=2, help="data loader worker processes")
+    ap.add_argument("--device", default="auto", help="cpu, cuda, mps or auto")
+    ap.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"],
+                    help="autocast dtype of the forward/backward; auto: bfloat16 on CUDA, float32 elsewhere")
+    ap.add_argument("--compile", type=int, default=1, help="torch.compile the model on CUDA (1/0)")
+    ap.add_argument("--seed", type=int, default=0, help="data order, <D> placement and augmentation")
+    ap.add_argument("--resume", action="store_true", help="continue from OUT/ckpt.pt with its saved settings")
+    argv = sys.argv[1:] if argv is None else argv
+    args = M.resume_args(ap.parse_args(argv), ap, argv)
     if not args.init or not args.data:
         ap.error("--init and --data are required (unless --resume)")
     return args
@@ -122,21 +129,31 @@ class FileSequences(torch.utils.data.Dataset):
         return torch.from_numpy(self.sequence(g, self.augment))
 
 
+def next_token_loss(model, batch, autocast=contextlib.nullcontext()):
+    """batch (B, T+1) ids -> mean next-token cross-entropy, <P> targets ignored. The forward runs
+    under `autocast` (bf16 on CUDA); the loss is computed in float32 outside it."""
+    with autocast:
+        logits = model(batch[:, :-1])  # (B, T, V)
+    return F.cross_entropy(logits.float().flatten(0, 1), batch[:, 1:].flatten(), ignore_index=T.PAD_ID)
+
+
 # -----------------------------------------------------------------------------
 
 def main():
     try:
         args = get_args()
         rank, world, device = M.setup_distributed(args.device)
-        model = M.load_model(args.init, heads=("lm",), grad_checkpoint=args.grad_checkpoint).train()
+        model = M.load_model(args.init, heads=("lm",), grad_checkpoint=args.grad_checkpoint).to(device).train()
     except M.CheckpointError as e:
         sys.exit(f"finetune_gen.py: {e}")
+    master, out = rank == 0, Path(args.out)
+    amp = M.autocast_dtype(args.dtype, device)
+    autocast = torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None)
     data = Path(args.data)
     if not (data / "meta.json").is_file():
         sys.exit(f"finetune_gen.py: {data} is not a dataset (no meta.json): run prepare.py first")
-    if M.json.loads((data / "meta.json").read_text())["vocab_hash"] != T.VOCAB_HASH:
+    if json.loads((data / "meta.json").read_text())["vocab_hash"] != T.VOCAB_HASH:
         sys.exit(f"finetune_gen.py: {data} was tokenized with another vocabulary")
-
     args.seq_len = args.seq_len or model.config.max_seq_len
     if args.seq_len > model.config.max_seq_len:
         sys.exit(f"finetune_gen.py: --seq_len {args.seq_len} exceeds the model's context {model.config.max_seq_len}")
@@ -147,20 +164,120 @@ def main():
     if args.max_iters is None:
         args.max_iters = max(1, int(args.epochs * len(train_set) / per_step))
     args.warmup = min(args.warmup, args.max_iters)
-    if rank == 0:
-        print(f"finetune_gen: {args.init} ({model.num_params() / 1e6:.1f}M params) on {device}, world {world}; "
-              f"{len(train_set)} file-start sequences of {args.seq_len}; {args.max_iters} steps of {per_step}")
+    if master:
+        out.mkdir(parents=True, exist_ok=True)
+        print(f"finetune_gen: {args.init} ({model.num_params() / 1e6:.1f}M params) on {device}, world {world}, "
+              f"{'autocast ' + str(amp).replace('torch.', '') if amp else 'float32'}; {len(train_set)} file-start "
+              f"sequences of {args.seq_len}; {args.max_iters} steps of {per_step}")
 
-    def evaluate(m):
+    # optimizer; --resume restores weights, optimizer moments, step and RNG (data order needs only the step)
+    opt = M.configure_optimizer(model, args.lr, args.weight_decay, device_type=device.type)
+    step = 0
+    if args.resume:
+        ckpt = M.load_checkpoint(out / "ckpt.pt")
+        model.load_state_dict(ckpt["model"])
+        opt.load_state_dict(ckpt["optimizer"])
+        step = ckpt["step"]
+        torch.set_rng_state(ckpt["rng_cpu"])
+        if device.type == "cuda" and "rng_cuda" in ckpt:
+            torch.cuda.set_rng_state(ckpt["rng_cuda"], device)
+        if master:
+            print(f"resuming from {out / 'ckpt.pt'} at step {step}")
+    raw = model  # what we save and evaluate: not compiled, not wrapped
+    if device.type == "cuda" and args.compile:
+        model = torch.compile(model)
+    if world > 1:
+        model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+
+    @torch.no_grad()
+    def evaluate():
+        raw.eval()
         n = min(len(val_set), args.eval_iters * args.batch_size)
-        if n == 0:
-            return {}
         batches = [torch.stack([torch.from_numpy(val_set.sequence(g, False)) for g in range(i, min(i + args.batch_size, n))])
                    for i in range(0, n, args.batch_size)]
-        return {"val_loss": torch.stack([M.next_token_loss(m, b.to(device))[0] for b in batches]).mean().item()}
+        losses = [next_token_loss(raw, b.to(device), autocast) for b in batches]
+        raw.train()
+        return torch.stack(losses).mean().item() if losses else None
 
-    M.train(model, args, train_set, M.next_token_loss, evaluate, tokens_per_micro=args.batch_size * args.seq_len,
-            rank=rank, world=world, device=device, seq_len=args.seq_len)
+    def save():
+        if master:
+            M.save_checkpoint(out / "ckpt.pt", raw, optimizer=opt.state_dict(), step=step, args=vars(args),
+                              rng_cpu=torch.get_rng_state(),
+                              **({"rng_cuda": torch.cuda.get_rng_state(device)} if device.type == "cuda" else {}))
+        if world > 1:
+            torch.distributed.barrier()
+
+    def log(rec):  # one line on stdout, one JSON record in OUT/log.jsonl
+        if master:
+            print(" | ".join(LOG_FORMAT.get(k, k + " {}").format(v) for k, v in rec.items()), flush=True)
+            with open(out / "log.jsonl", "a") as f:
+                f.write(json.dumps(rec) + "\n")
+
+    def sync():  # CUDA runs ahead of Python: wait for it before reading a clock
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+
+    # the loader yields this rank's micro-batches from `step` on (M.StepSampler); its own
+    # generator, so that starting it does not draw from the restored global RNG
+    loader = torch.utils.data.DataLoader(
+        train_set, batch_size=args.batch_size, sampler=M.StepSampler(step, args.batch_size, args.grad_accum, rank, world),
+        num_workers=args.workers, pin_memory=device.type == "cuda", persistent_workers=args.workers > 0,
+        generator=torch.Generator().manual_seed(0))
+    batches = iter(loader)
+    stop = min(args.max_iters, args.stop_at or args.max_iters)
+    first = step
+    # rates count training only: the clock is stopped for evaluation and checkpoints, and the
+    # first step of a job (compilation, loader start-up) is reported on its own
+    t_mark, busy, n_steps = time.time(), 0.0, 0
+    model.train()
+    while step < stop:
+        lr = M.lr_at(step, args.lr, args.warmup, args.max_iters, args.final_lr_frac)
+        for group in opt.param_groups:
+            group["lr"] = lr
+        loss_sum = torch.zeros((), device=device)
+        for micro in range(args.grad_accum):
+            batch = next(batches).to(device, non_blocking=True)
+            if world > 1:  # all-reduce gradients in the last micro-step's backward only
+                model.require_backward_grad_sync = micro == args.grad_accum - 1
+            loss = next_token_loss(model, batch, autocast)
+            (loss / args.grad_accum).backward()
+            loss_sum += loss.detach() / args.grad_accum
+        if args.grad_clip:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        step += 1
+        n_steps += 1
+
+        if step == first + 1 and step < stop:
+            sync()
+            if master:
+                print(f"first step took {time.time() - t_mark:.1f} s (compilation, loader start-up); not in the rates")
+            t_mark, busy, n_steps = time.time(), 0.0, 0
+        if step % args.log_interval == 0 or step == stop:
+            if world > 1:
+                torch.distributed.all_reduce(loss_sum, op=torch.distributed.ReduceOp.AVG)
+            loss = loss_sum.item()  # waits for the device: the clock below is honest
+            busy += time.time() - t_mark
+            rec = {"step": step, "loss": round(loss, 6), "lr": float(f"{lr:.3e}")}
+            if n_steps:
+                tok_s = n_steps * per_step * args.seq_len / busy
+                mfu = M.estimate_mfu(raw.config, args.seq_len, tok_s) if device.type == "cuda" else None
+                rec.update(ms=round(1e3 * busy / n_steps, 1), tok_s=round(tok_s),
+                           **({"mfu": round(mfu, 4)} if mfu else {}))
+                rec["eta_s"] = round((stop - step) * busy / n_steps)
+            log(rec)
+            t_mark, busy, n_steps = time.time(), 0.0, 0
+        evaluating = args.eval_interval and step % args.eval_interval == 0 or step == stop
+        saving = args.ckpt_interval and step % args.ckpt_interval == 0 or step == stop
+        if evaluating or saving:
+            sync()
+            busy += time.time() - t_mark
+            if evaluating and (val := evaluate()) is not None:
+                log({"step": step, "val_loss": round(val, 6)})
+            if saving:
+                save()
+            t_mark = time.time()
     if world > 1:
         torch.distributed.destroy_process_group()
 

@@ -11,60 +11,75 @@ file boundaries, no document mask, as the official code), reshuffled every epoch
 augmented on the fly in loader workers (pitch ±5, tempo ±20%, velocity ±10). Which window a
 step sees is a function of (seed, step) only, so --resume needs no loader state and the same
 global batch is seen whatever the number of processes.
+
+One optimizer step = --grad_accum micro-steps of --batch_size sequences on every process; the
+model runs under bf16 autocast on CUDA (--dtype), the loss is float32 cross-entropy computed
+outside autocast. DDP averages the gradients once per step, in the backward of the last micro-step.
+OUT/ckpt.pt (atomic) holds model, optimizer, step, RNG and settings: --resume restores all of it.
 """
 import argparse
+import contextlib
+import json
 import random
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 import model as M
 import tokenizer as T
 
-# defaults: the paper's pretraining recipe (§3.2, §4.1) and the official optimizer (SPEC §C.2)
-DEFAULTS = dict(
-    out="out/pretrain",
-    batch_size=16,        # paper §4.1: 16 sequences per GPU (8 GPUs)
-    grad_accum=1,
-    lr=3e-4,              # paper §4.1
-    warmup=1000,          # paper §4.1
-    final_lr_frac=0.1,    # paper §4.1: linear decay to 10% of the initial rate
-    weight_decay=0.1,     # SPEC §C.2 (the paper does not say)
-    grad_clip=0.0,        # off, as the official code (SPEC §C.2)
-    epochs=75,            # paper §4.1
-    max_iters=None,
-    stop_at=None,
-    eval_interval=500,
-    log_interval=10,
-    ckpt_interval=1000,
-    workers=2,
-    compile=1,
-    device="auto",
-    seed=0,
-)
 # python pretrain.py with no arguments: a few minutes on a laptop CPU. The tiny model trains
 # stably at 1e-3, which gets a demo this short much further than the paper's 3e-4 for medium.
+QUICKSTART_FILES = 400  # generated pieces (prepare.py --synthetic), about 1.6M tokens
 QUICKSTART = dict(data="data/synthetic", preset="tiny", seq_len=256, batch_size=8, max_iters=300, warmup=30,
                   lr=1e-3, eval_interval=100, eval_iters=8, log_interval=20, ckpt_interval=100)
+
+
+# how log records print on stdout (OUT/log.jsonl has them as JSON)
+LOG_FORMAT = {"loss": "loss {:.4f}", "val_loss": "val_loss {:.4f}", "lr": "lr {:.2e}", "ms": "{:.0f} ms/step",
+              "tok_s": "{:,} tok/s", "mfu": "MFU {:.1%}", "eta_s": "ETA {}s"}
 
 
 def get_args(argv=None):
     ap = argparse.ArgumentParser(description="Aria next-token pretraining.",
                                  formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     ap.add_argument("--data", default="data/synthetic", help="dataset folder written by prepare.py")
-    ap.add_argument("--preset", default="tiny", choices=list(M.PRESETS), help="model size")
+    ap.add_argument("--out", default="out/pretrain", help="checkpoint (ckpt.pt) and log.jsonl go here")
+    ap.add_argument("--preset", default="tiny", choices=list(M.PRESETS), help="model size (paper: medium)")
     ap.add_argument("--seq_len", type=int, default=None, help="tokens per sequence (default: the preset's context; 8192 for medium, paper §3.2)")
+    ap.add_argument("--batch_size", type=int, default=16, help="sequences per process per micro-step (paper §4.1: 16 per GPU)")
+    ap.add_argument("--grad_accum", type=int, default=1, help="micro-steps per optimizer step")
+    ap.add_argument("--lr", type=float, default=3e-4, help="peak learning rate (paper §4.1)")
+    ap.add_argument("--warmup", type=int, default=1000, help="linear warmup steps (paper §4.1)")
+    ap.add_argument("--final_lr_frac", type=float, default=0.1, help="then linear decay to this fraction of lr (paper §4.1)")
+    ap.add_argument("--weight_decay", type=float, default=0.1, help="AdamW, on all parameters; betas (0.9, 0.95), eps 1e-5 (SPEC §C.2; the paper does not say)")
+    ap.add_argument("--grad_clip", type=float, default=0.0, help="clip the gradient norm (0: off, as the official code)")
+    ap.add_argument("--epochs", type=float, default=75, help="passes over the training data (paper §4.1); sets max_iters")
+    ap.add_argument("--max_iters", type=int, default=None, help="optimizer steps (default: from --epochs)")
+    ap.add_argument("--stop_at", type=int, default=None, help="stop after this step without ending the schedule (split a run into jobs)")
     ap.add_argument("--no_augment", dest="augment", action="store_false", help="turn off online augmentation (paper §3.2)")
+    ap.add_argument("--grad_checkpoint", action="store_true", help="recompute activations in backward to save memory")
+    ap.add_argument("--eval_interval", type=int, default=500, help="steps between validation losses (0: only at the end)")
     ap.add_argument("--eval_iters", type=int, default=20, help="validation batches per evaluation")
-    M.add_train_args(ap, **DEFAULTS)
+    ap.add_argument("--log_interval", type=int, default=10, help="steps per log line")
+    ap.add_argument("--ckpt_interval", type=int, default=1000, help="steps between checkpoints (and one at the end)")
+    ap.add_argument("--workers", type=int, default=2, help="data loader worker processes")
+    ap.add_argument("--device", default="auto", help="cpu, cuda, mps or auto")
+    ap.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"],
+                    help="autocast dtype of the forward/backward; auto: bfloat16 on CUDA, float32 elsewhere")
+    ap.add_argument("--compile", type=int, default=1, help="torch.compile the model on CUDA (1/0)")
+    ap.add_argument("--seed", type=int, default=0, help="model init, data order and augmentation")
+    ap.add_argument("--resume", action="store_true", help="continue from OUT/ckpt.pt with its saved settings")
     argv = sys.argv[1:] if argv is None else argv
     if not argv:
         ap.set_defaults(**QUICKSTART)
     args = ap.parse_args(argv)
-    return M.resume_args(args, ap, args.out), ap
+    return M.resume_args(args, ap, argv)
 
 
 # -----------------------------------------------------------------------------
@@ -100,57 +115,169 @@ class PackedWindows(torch.utils.data.Dataset):
         return torch.from_numpy(x)
 
 
+def load_data(args, rank, world):
+    data = Path(args.data)
+    if not (data / "meta.json").is_file():
+        if args.data != QUICKSTART["data"]:
+            sys.exit(f"pretrain.py: {data} is not a dataset (no meta.json): run prepare.py first")
+        if rank == 0:  # the quick start makes its own corpus
+            subprocess.run([sys.executable, str(Path(__file__).with_name("prepare.py")),
+                            "--synthetic", str(QUICKSTART_FILES), "--out", str(data)], check=True)
+        if world > 1:
+            torch.distributed.barrier()
+    if json.loads((data / "meta.json").read_text())["vocab_hash"] != T.VOCAB_HASH:
+        sys.exit(f"pretrain.py: {data} was tokenized with another vocabulary")
+    train_set = PackedWindows(data, "train", args.seq_len, args.seed, args.augment)
+    if len(train_set) == 0:
+        sys.exit(f"pretrain.py: {data} has fewer than {2 * args.seq_len + 1} training tokens for --seq_len {args.seq_len}")
+    return train_set, PackedWindows(data, "val", args.seq_len, args.seed, False)
+
+
+def next_token_loss(model, batch, autocast=contextlib.nullcontext()):
+    """batch (B, T+1) ids -> mean next-token cross-entropy, <P> targets ignored. The forward runs
+    under `autocast` (bf16 on CUDA); the loss is computed in float32 outside it."""
+    with autocast:
+        logits = model(batch[:, :-1])  # (B, T, V)
+    return F.cross_entropy(logits.float().flatten(0, 1), batch[:, 1:].flatten(), ignore_index=T.PAD_ID)
+
+
 # -----------------------------------------------------------------------------
 
 def main():
     try:
-        args, _ = get_args()
+        args = get_args()
     except M.CheckpointError as e:
         sys.exit(f"pretrain.py: {e}")
     rank, world, device = M.setup_distributed(args.device)
-    data = Path(args.data)
-    if not (data / "meta.json").is_file():
-        if args.data == QUICKSTART["data"]:  # the quick start makes its own corpus
-            if rank == 0:
-                subprocess.run([sys.executable, str(Path(__file__).with_name("prepare.py")),
-                                "--synthetic", "400", "--out", str(data)], check=True)
-            if world > 1:
-                torch.distributed.barrier()
-        else:
-            sys.exit(f"pretrain.py: {data} is not a dataset (no meta.json): run prepare.py first")
-    meta = M.json.loads((data / "meta.json").read_text())
-    if meta["vocab_hash"] != T.VOCAB_HASH:
-        sys.exit(f"pretrain.py: {data} was tokenized with another vocabulary ({meta['vocab_hash']})")
+    master, out = rank == 0, Path(args.out)
+    amp = M.autocast_dtype(args.dtype, device)
+    autocast = torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None)
 
+    # model: the preset, widened to --seq_len if that is longer than its context
     torch.manual_seed(args.seed)
     cfg = M.replace(M.PRESETS[args.preset], grad_checkpoint=args.grad_checkpoint)
     args.seq_len = args.seq_len or cfg.max_seq_len
-    cfg = M.replace(cfg, max_seq_len=max(cfg.max_seq_len, args.seq_len))
-    model = M.Aria(cfg)
+    model = M.Aria(M.replace(cfg, max_seq_len=max(cfg.max_seq_len, args.seq_len))).to(device)
 
-    train_set = PackedWindows(data, "train", args.seq_len, args.seed, args.augment)
-    val_set = PackedWindows(data, "val", args.seq_len, args.seed, False)
-    if len(train_set) == 0:
-        sys.exit(f"pretrain.py: {data} has fewer than {2 * args.seq_len + 1} training tokens for --seq_len {args.seq_len}")
+    train_set, val_set = load_data(args, rank, world)
     per_step = args.batch_size * args.grad_accum * world
     if args.max_iters is None:
         args.max_iters = max(1, int(args.epochs * len(train_set) / per_step))
     args.warmup = min(args.warmup, args.max_iters)
-    if rank == 0:
-        print(f"pretrain: {args.preset} ({model.num_params() / 1e6:.1f}M params) on {device}, world {world}; "
-              f"{len(train_set)} windows of {args.seq_len} tokens per epoch; {args.max_iters} steps of "
-              f"{per_step} sequences ({args.max_iters * per_step / len(train_set):.2f} epochs)")
+    if master:
+        out.mkdir(parents=True, exist_ok=True)
+        print(f"pretrain: {args.preset} ({model.num_params() / 1e6:.1f}M params) on {device}, world {world}, "
+              f"{'autocast ' + str(amp).replace('torch.', '') if amp else 'float32'}; {len(train_set)} windows of "
+              f"{args.seq_len} tokens per epoch; {args.max_iters} steps of {per_step} sequences "
+              f"({args.max_iters * per_step / len(train_set):.2f} epochs)")
 
-    def evaluate(m):
+    # optimizer; --resume restores weights, optimizer moments, step and RNG (data order needs only the step)
+    opt = M.configure_optimizer(model, args.lr, args.weight_decay, device_type=device.type)
+    step = 0
+    if args.resume:
+        ckpt = M.load_checkpoint(out / "ckpt.pt")
+        model.load_state_dict(ckpt["model"])
+        opt.load_state_dict(ckpt["optimizer"])
+        step = ckpt["step"]
+        torch.set_rng_state(ckpt["rng_cpu"])
+        if device.type == "cuda" and "rng_cuda" in ckpt:
+            torch.cuda.set_rng_state(ckpt["rng_cuda"], device)
+        if master:
+            print(f"resuming from {out / 'ckpt.pt'} at step {step}")
+    raw = model  # what we save and evaluate: not compiled, not wrapped
+    if device.type == "cuda" and args.compile:
+        model = torch.compile(model)
+    if world > 1:
+        model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+
+    @torch.no_grad()
+    def evaluate():
+        raw.eval()
         n = min(len(val_set), args.eval_iters * args.batch_size)
-        if n == 0:
-            return {}
-        losses = [M.next_token_loss(m, torch.stack([val_set[g] for g in range(i, min(i + args.batch_size, n))]).to(device))[0]
-                  for i in range(0, n, args.batch_size)]
-        return {"val_loss": torch.stack(losses).mean().item()}
+        batches = [torch.stack([val_set[g] for g in range(i, min(i + args.batch_size, n))]) for i in range(0, n, args.batch_size)]
+        losses = [next_token_loss(raw, b.to(device), autocast) for b in batches]
+        raw.train()
+        return torch.stack(losses).mean().item() if losses else None
 
-    M.train(model, args, train_set, M.next_token_loss, evaluate, tokens_per_micro=args.batch_size * args.seq_len,
-            rank=rank, world=world, device=device, seq_len=args.seq_len)
+    def save():
+        if master:
+            M.save_checkpoint(out / "ckpt.pt", raw, optimizer=opt.state_dict(), step=step, args=vars(args),
+                              rng_cpu=torch.get_rng_state(),
+                              **({"rng_cuda": torch.cuda.get_rng_state(device)} if device.type == "cuda" else {}))
+        if world > 1:
+            torch.distributed.barrier()
+
+    def log(rec):  # one line on stdout, one JSON record in OUT/log.jsonl
+        if master:
+            print(" | ".join(LOG_FORMAT.get(k, k + " {}").format(v) for k, v in rec.items()), flush=True)
+            with open(out / "log.jsonl", "a") as f:
+                f.write(json.dumps(rec) + "\n")
+
+    def sync():  # CUDA runs ahead of Python: wait for it before reading a clock
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+
+    # the loader yields this rank's micro-batches from `step` on (M.StepSampler); its own
+    # generator, so that starting it does not draw from the restored global RNG
+    loader = torch.utils.data.DataLoader(
+        train_set, batch_size=args.batch_size, sampler=M.StepSampler(step, args.batch_size, args.grad_accum, rank, world),
+        num_workers=args.workers, pin_memory=device.type == "cuda", persistent_workers=args.workers > 0,
+        generator=torch.Generator().manual_seed(0))
+    batches = iter(loader)
+    stop = min(args.max_iters, args.stop_at or args.max_iters)
+    first = step
+    # rates count training only: the clock is stopped for evaluation and checkpoints, and the
+    # first step of a job (compilation, loader start-up) is reported on its own
+    t_mark, busy, n_steps = time.time(), 0.0, 0
+    model.train()
+    while step < stop:
+        lr = M.lr_at(step, args.lr, args.warmup, args.max_iters, args.final_lr_frac)
+        for group in opt.param_groups:
+            group["lr"] = lr
+        loss_sum = torch.zeros((), device=device)
+        for micro in range(args.grad_accum):
+            batch = next(batches).to(device, non_blocking=True)
+            if world > 1:  # all-reduce gradients in the last micro-step's backward only
+                model.require_backward_grad_sync = micro == args.grad_accum - 1
+            loss = next_token_loss(model, batch, autocast)
+            (loss / args.grad_accum).backward()
+            loss_sum += loss.detach() / args.grad_accum
+        if args.grad_clip:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        step += 1
+        n_steps += 1
+
+        if step == first + 1 and step < stop:
+            sync()
+            if master:
+                print(f"first step took {time.time() - t_mark:.1f} s (compilation, loader start-up); not in the rates")
+            t_mark, busy, n_steps = time.time(), 0.0, 0
+        if step % args.log_interval == 0 or step == stop:
+            if world > 1:
+                torch.distributed.all_reduce(loss_sum, op=torch.distributed.ReduceOp.AVG)
+            loss = loss_sum.item()  # waits for the device: the clock below is honest
+            busy += time.time() - t_mark
+            rec = {"step": step, "loss": round(loss, 6), "lr": float(f"{lr:.3e}")}
+            if n_steps:
+                tok_s = n_steps * per_step * args.seq_len / busy
+                mfu = M.estimate_mfu(raw.config, args.seq_len, tok_s) if device.type == "cuda" else None
+                rec.update(ms=round(1e3 * busy / n_steps, 1), tok_s=round(tok_s),
+                           **({"mfu": round(mfu, 4)} if mfu else {}))
+                rec["eta_s"] = round((stop - step) * busy / n_steps)
+            log(rec)
+            t_mark, busy, n_steps = time.time(), 0.0, 0
+        evaluating = args.eval_interval and step % args.eval_interval == 0 or step == stop
+        saving = args.ckpt_interval and step % args.ckpt_interval == 0 or step == stop
+        if evaluating or saving:
+            sync()
+            busy += time.time() - t_mark
+            if evaluating and (val := evaluate()) is not None:
+                log({"step": step, "val_loss": round(val, 6)})
+            if saving:
+                save()
+            t_mark = time.time()
     if world > 1:
         torch.distributed.destroy_process_group()
 

@@ -247,7 +247,7 @@ def test_cli_resume_and_two_processes_are_exact(data, lm_tiny, tmp_path):
     run("finetune_contrastive.py", *common, "--out", tmp_path / "a")
     run("finetune_contrastive.py", *common, "--out", tmp_path / "b", "--stop_at", "3")
     assert max(losses(tmp_path / "b")) == 3
-    r = run("finetune_contrastive.py", "--out", tmp_path / "b", "--resume", "--workers", "0")
+    r = run("finetune_contrastive.py", "--out", tmp_path / "b", "--resume", "--workers", "0", "--device", "cpu")
     assert "resuming" in r.stdout
     assert losses(tmp_path / "a") == losses(tmp_path / "b")
     # two gloo processes of 3 pairs each see the global batch of 6 (negatives gathered across them)
@@ -299,3 +299,13 @@ def test_cli_help_and_bad_inputs(data, tmp_path, monkeypatch):
     with pytest.raises(SystemExit) as e:
         C.main()
     assert e.value.code == 2  # argparse: --init is required
+
+
+def test_cli_temperature_changes_the_loss(data, tmp_path):
+    first = {}
+    for t in ("0.1", "0.5"):
+        out = tmp_path / t
+        run("finetune_contrastive.py", "--init", "none", "--preset", "tiny", "--data", data, "--out", out,
+            "--max_iters", "1", "--temperature", t, "--no_augment", *FAST)
+        first[t] = losses(out)[1]
+    assert abs(first["0.1"] - first["0.5"]) > 1e-3, first  # same views, same model: only t differs

@@ -112,15 +112,16 @@ def test_learns_reports_and_predicts(toy, tmp_path):
     assert best["test"] == next(e["test"] for e in res["epochs"] if e["step"] == best["step"])
     loss = losses(out)
     assert np.mean([loss[s] for s in range(1, 6)]) - np.mean([loss[s] for s in range(5 * spe - 4, 5 * spe + 1)]) > 0.3
-    # stdout has the per-epoch report: per-class table and confusion matrix
-    assert r.stdout.count("confusion (rows: true, columns: predicted)") == 10
+    # stdout has the per-epoch report: accuracy, macro-F1 and per-class F1 of each split
+    assert r.stdout.count("  valid: accuracy") == 5 and r.stdout.count("  test: accuracy") == 5
+    assert r.stdout.count("F1: high ") == 10
     assert "best epoch" in r.stdout
     # the checkpoint carries the class names; --predict uses best.pt
     ckpt = torch.load(out / "ckpt.pt", weights_only=True)
     assert ckpt["args"]["classes"] == res["classes"] and ckpt["step"] == 5 * spe
     assert torch.load(out / "best.pt", weights_only=True)["step"] == best["step"]
     files = [toy / "midi" / f"{c}_{i}.mid" for c in REGISTERS for i in (5, 6)]
-    r = run("--ckpt", out, "--predict", *files, toy / "midi" / "junk.mid", ok=False)
+    r = run("--ckpt", out, "--predict", *files, toy / "midi" / "junk.mid", "--device", "cpu", ok=False)
     assert r.returncode == 1 and "junk.mid" in r.stderr and "Traceback" not in r.stderr
     lines = [line.split("\t") for line in r.stdout.strip().splitlines()]
     assert [Path(line[0]).name for line in lines] == [f.name for f in files]
@@ -135,7 +136,7 @@ def test_resume_is_exact(toy, tmp_path):
     args = ["--labels", toy / "nosplit.csv", *FAST, "--n_train", "6", "--max_iters", "7", "--ckpt_interval", "2"]
     run(*args, "--out", tmp_path / "full")
     run(*args, "--out", tmp_path / "split", "--stop_at", "4")
-    r = run("--out", tmp_path / "split", "--resume")  # nothing else typed
+    r = run("--out", tmp_path / "split", "--resume", "--device", "cpu")  # nothing else but the per-run device
     assert "resuming" in r.stdout and "at step 4" in r.stdout
     full, split = losses(tmp_path / "full"), losses(tmp_path / "split")
     assert sorted(split) == list(range(1, 8))
@@ -155,7 +156,7 @@ def test_ddp_two_gloo_processes_match_one(toy, tmp_path):
                         str(ROOT / "finetune_cls.py"), *map(str, args), "--out", str(tmp_path / "two")],
                        capture_output=True, text=True, env=ENV, timeout=300, cwd=ROOT)
     assert r.returncode == 0, r.stdout + r.stderr
-    assert r.stdout.count("step      1 |") == 1  # only rank 0 prints
+    assert r.stdout.count("step 1 |") == 1  # only rank 0 prints
     one, two = losses(tmp_path / "one"), losses(tmp_path / "two")
     assert one.keys() == two.keys() and all(abs(one[s] - two[s]) < 1e-4 for s in one), (one, two)
     a, b = (json.loads((tmp_path / d / "results.json").read_text())["epochs"] for d in ("one", "two"))
@@ -303,3 +304,25 @@ def test_pianist8_few_files(tmp_path):
     assert res["classes"] == sorted({r["pianist"] for r in rows}) and len(res["classes"]) == 8
     assert res["files"]["train"] == 8 and res["files"]["valid"] >= 1 and res["selected_on"] == "valid"
     assert res["train_slices"] > 8 and len(res["epochs"]) == 1  # long files: many slices each
+
+
+def test_init_from_a_pretrained_lm_reinit_eos_augment_and_split_fractions(toy, tmp_path):
+    # lr 0: the finetuned trunk must still be the pretrained one, but for the <E> row (--reinit_eos)
+    torch.manual_seed(0)
+    lm = M.Aria(M.PRESETS["tiny"])
+    M.save_checkpoint(tmp_path / "lm.pt", lm)
+    base = ["--labels", toy / "nosplit.csv", *FAST, "--init", tmp_path / "lm.pt", "--max_iters", "1", "--lr", "0"]
+    run(*base, "--out", tmp_path / "a")
+    run(*base, "--out", tmp_path / "b", "--reinit_eos", "0", "--valid_frac", "0.25", "--test_frac", "0.25")
+    run(*base, "--out", tmp_path / "c", "--augment")
+    emb = {k: M.load_model(tmp_path / k).model.tok_embeddings.weight for k in "abc"}
+    ref = lm.model.tok_embeddings.weight
+    others = torch.arange(len(ref)) != T.EOS_ID
+    assert torch.equal(emb["a"][others], ref[others]) and not torch.equal(emb["a"][T.EOS_ID], ref[T.EOS_ID])
+    assert torch.equal(emb["b"], ref)
+    assert torch.equal(M.load_model(tmp_path / "a").model.encode_layers[2].mixed_qkv.weight,
+                       lm.model.encode_layers[2].mixed_qkv.weight)
+    assert losses(tmp_path / "c")[1] != losses(tmp_path / "a")[1]  # augmented slices
+    files = {k: json.loads((tmp_path / k / "results.json").read_text())["files"] for k in "ab"}
+    assert files["a"] == {"train": 18, "valid": 3, "test": 3}  # 10% each, at least one per class
+    assert files["b"] == {"train": 12, "valid": 6, "test": 6}  # 25% each

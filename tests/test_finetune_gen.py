@@ -82,7 +82,7 @@ def test_cli_from_official_checkpoint_loss_falls(data, tmp_path):
     out = tmp_path / "gen"
     run("finetune_gen.py", "--init", GOLDEN / "lm_tiny.safetensors", "--data", data, "--out", out,
         "--seq_len", "128", "--batch_size", "4", "--max_iters", "30", "--warmup", "3", "--lr", "3e-3",
-        "--log_interval", "1", "--workers", "0", "--eval_iters", "1", "--no_augment")
+        "--log_interval", "1", "--workers", "0", "--eval_iters", "1", "--no_augment", "--device", "cpu")
     log = [json.loads(line) for line in open(out / "log.jsonl")]
     loss = {d["step"]: d["loss"] for d in log if "loss" in d}
     assert np.mean([loss[s] for s in (1, 2, 3)]) - np.mean([loss[s] for s in (28, 29, 30)]) > 1.0
@@ -91,7 +91,8 @@ def test_cli_from_official_checkpoint_loss_falls(data, tmp_path):
 
 
 def test_cli_bad_inputs(tmp_path, data):
-    r = run("finetune_gen.py", "--init", tmp_path / "missing.pt", "--data", data, "--out", tmp_path / "o", ok=False)
+    r = run("finetune_gen.py", "--init", tmp_path / "missing.pt", "--data", data, "--out", tmp_path / "o", "--device", "cpu",
+            ok=False)
     assert r.returncode == 1 and "no such file" in r.stderr and "Traceback" not in r.stderr
     r = run("finetune_gen.py", "--data", data, ok=False)
     assert r.returncode == 2 and "--init" in r.stderr
@@ -114,7 +115,7 @@ def test_sample_end_reaches_eos_after_the_finetune(tmp_path):
     run("prepare.py", tmp_path / "short", "--out", tmp_path / "ds", "--workers", "1", "--val_fraction", "0")
     run("finetune_gen.py", "--init", tmp_path / "init", "--data", tmp_path / "ds", "--out", tmp_path / "gen",
         "--seq_len", "320", "--batch_size", "4", "--max_iters", "60", "--warmup", "5", "--lr", "3e-3",
-        "--log_interval", "20", "--workers", "0", "--no_augment", "--eval_iters", "0")
+        "--log_interval", "20", "--workers", "0", "--no_augment", "--eval_iters", "0", "--device", "cpu")
     m = M.load_model(tmp_path / "gen")
     tokens = np.fromfile(tmp_path / "ds" / "train.bin", dtype=np.uint16)
     idx = np.load(tmp_path / "ds" / "train.idx.npy")
@@ -123,8 +124,24 @@ def test_sample_end_reaches_eos_after_the_finetune(tmp_path):
     for f in range(len(idx) - 1):
         ids = G.place_dim(tokens[idx[f]:idx[f + 1]].tolist(), random.Random(f))
         d = ids.index(T.DIM_ID)
-        greedy = S.generate(m, ids[:d + 1], length=150, end=True, temp=0)[0]
+        greedy = S.generate(m, ids[:d + 1], length=150, end=True, temp=0, device="cpu")[0]
         ended += greedy[-1] == T.EOS_ID and len(greedy) - d - 1 <= 150
-        sampled = S.generate(m, ids[:d + 1], n_variations=2, length=150, end=True, seed=f)
+        sampled = S.generate(m, ids[:d + 1], n_variations=2, length=150, end=True, seed=f, device="cpu")
         assert all(T.detokenize_notes(r)[0] for r in sampled)
     assert ended >= 3, ended  # of 4 pieces (a 60-step model; greedy ends all 4 here)
+
+
+def test_resume_is_exact(data, tmp_path):
+    import torch
+    import model as M
+    torch.manual_seed(0)
+    M.save_checkpoint(tmp_path / "init.pt", M.Aria(M.PRESETS["tiny"]))
+    args = ["--init", tmp_path / "init.pt", "--data", data, "--seq_len", "128", "--batch_size", "2", "--max_iters", "6",
+            "--warmup", "2", "--log_interval", "1", "--workers", "0", "--device", "cpu", "--eval_iters", "1"]
+    run("finetune_gen.py", *args, "--out", tmp_path / "full")
+    run("finetune_gen.py", *args, "--out", tmp_path / "split", "--stop_at", "3")
+    r = run("finetune_gen.py", "--out", tmp_path / "split", "--resume", "--device", "cpu")
+    assert "at step 3" in r.stdout
+    losses = [{d["step"]: d["loss"] for d in map(json.loads, open(tmp_path / o / "log.jsonl")) if "loss" in d}
+              for o in ("full", "split")]
+    assert sorted(losses[1]) == list(range(1, 7)) and losses[0] == losses[1]
