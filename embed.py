@@ -20,6 +20,11 @@ The probe (paper §4.1, SPEC §C.5) trains a linear classifier with bias on the 
 embeddings of the CSV's train split: AdamW (lr 3e-4, weight decay 0.1, betas (0.9, 0.95), eps 1e-5),
 the learning rate decaying linearly to 0, separately for 10, 20 and 50 epochs; it reports accuracy
 and macro-F1 on the test split for each and, as the paper does, the best.
+
+Precision: float32 by default on every device (the official vectors within 2e-7; bf16 autocast on CUDA
+has not run on a GPU yet). With --dtype bfloat16 only the model's forward runs under autocast;
+its outputs are taken to float32, and everything after it (the mean over chunks, cosines, the probe,
+PCA) runs in float32 or float64 with autocast off, even inside a caller's autocast.
 """
 import argparse
 import csv
@@ -78,6 +83,10 @@ def get_args(argv=None):
                     help="embed only the first this many chunks of each file (0: all, as official); for quick looks")
     ap.add_argument("--batch_size", type=int, default=16, help="chunks per forward pass")
     ap.add_argument("--device", default="auto", help="cpu, cuda, mps or auto")
+    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
+                    help="the model's matmuls: float32 reproduces the official vectors (within 2e-7); bfloat16 runs "
+                         "the forward under autocast (faster on a GPU; on CPU it shows what CUDA does); means, "
+                         "cosines, probe and PCA are float32 either way")
     ap.add_argument("--seed", type=int, default=0, help="probe initialisation and shuffling")
     args = ap.parse_args(argv)
     if not (args.out or args.nearest or args.probe or args.map):
@@ -131,10 +140,12 @@ def file_chunks(path, notes_per_chunk=300, max_len=2048, max_chunks=0):
 
 
 @torch.no_grad()
-def embed_chunks(model, chunks, batch_size=16, head="emb"):
-    """Token id lists, each ending in <E> -> (n, E) float32 outputs at their last position."""
+def embed_chunks(model, chunks, batch_size=16, head="emb", dtype=torch.float32):
+    """Token id lists, each ending in <E> -> (n, E) float32 outputs at their last position.
+    dtype bfloat16: the forward runs under autocast; float32: autocast off, whatever the caller has on."""
     model.eval()
     device = model.model.tok_embeddings.weight.device
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=dtype == torch.bfloat16)
     order = sorted(range(len(chunks)), key=lambda i: -len(chunks[i]))
     out = [None] * len(chunks)
     for i in range(0, len(order), batch_size):
@@ -142,20 +153,25 @@ def embed_chunks(model, chunks, batch_size=16, head="emb"):
         width = len(chunks[idx[0]])
         ids = torch.tensor(np.stack([T.fit_length(chunks[j], width) for j in idx]), device=device)
         eos = torch.tensor([len(chunks[j]) - 1 for j in idx], device=device)
-        if head == "hidden":
-            z = model.hidden(ids)[torch.arange(len(idx), device=device), eos]
-        else:
-            z = model(ids, out_pos=eos, head="emb")
+        with autocast:
+            if head == "hidden":
+                z = model.hidden(ids)[torch.arange(len(idx), device=device), eos]
+            else:
+                z = model(ids, out_pos=eos, head="emb")
         for j, row in zip(idx, z.float().cpu()):
             out[j] = row
     return torch.stack(out) if out else torch.zeros(0, model.config.emb_size or model.config.d_model)
 
 
+# Everything after the model runs with CPU autocast off (its tensors are on the CPU), so that a
+# caller's autocast (a training script's evaluation, a test) cannot turn a mean, a cosine or the
+# probe's matmuls into bfloat16; only embed_chunks' forward follows --dtype.
+@torch.autocast("cpu", enabled=False)
 def embed_files(model, paths, batch_size=16, head="emb", notes_per_chunk=300, max_len=2048, max_chunks=0,
-                on_error=None, block=64):
+                on_error=None, block=64, dtype=torch.float32):
     """Global embeddings of MIDI files: the unweighted mean over each file's chunk embeddings
-    (official get_global_embedding_from_midi). -> (float32 array (n_ok, E), paths embedded,
-    errors). Files are taken `block` at a time, so memory stays flat on big folders."""
+    (official get_global_embedding_from_midi), in float32. -> (float32 array (n_ok, E), paths
+    embedded, errors). Files are taken `block` at a time, so memory stays flat on big folders."""
     max_len = min(max_len, model.config.max_seq_len)
     embs, ok, errors = [], [], []
     for b in range(0, len(paths), block):
@@ -172,7 +188,7 @@ def embed_files(model, paths, batch_size=16, head="emb", notes_per_chunk=300, ma
             ok.append(p)
         if not chunks:
             continue
-        z = embed_chunks(model, chunks, batch_size, head)  # (n_chunks, E)
+        z = embed_chunks(model, chunks, batch_size, head, dtype)  # (n_chunks, E) float32
         owner = torch.tensor(owner)
         for f in owner.unique().tolist():
             embs.append(z[owner == f].mean(0))
@@ -189,11 +205,20 @@ def global_embedding(model, path, **kw):
     return arr[0]
 
 
-def save_embeddings(path, emb, files):
+def write_atomic(path, write):
+    """write(f) into a temporary file, then rename it: a crash leaves the old file or the new one."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    np.save(path, emb)
-    path.with_suffix(".files.txt").write_text("".join(f + "\n" for f in files))
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as f:
+        write(f)
+    os.replace(tmp, path)
+
+
+def save_embeddings(path, emb, files):
+    path = Path(path)
+    write_atomic(path, lambda f: np.save(f, emb))
+    write_atomic(path.with_suffix(".files.txt"), lambda f: f.write("".join(x + "\n" for x in files).encode()))
 
 
 def load_embeddings(path):
@@ -217,6 +242,7 @@ def load_embeddings(path):
 # nearest files, the linear probe, the map
 
 
+@torch.autocast("cpu", enabled=False)
 def cosine_nearest(emb, query, k):
     """-> [(index, cosine)] of the k rows of emb most similar to query (E,)."""
     e = F.normalize(torch.as_tensor(emb, dtype=torch.float64), dim=-1)
@@ -271,6 +297,7 @@ def metrics(y_true, y_pred, n_classes):
             "macro_f1": float(np.mean(f1s)) if f1s else 0.0}
 
 
+@torch.autocast("cpu", enabled=False)
 def train_probe(x, y, n_classes, epochs, lr=3e-4, batch_size=16, weight_decay=0.1, seed=0):
     """A linear classifier with bias (SPEC §C.5) on frozen embeddings x (n, E): AdamW, betas
     (0.9, 0.95), eps 1e-5, cross-entropy, the learning rate decaying linearly from lr to 0 over
@@ -299,10 +326,12 @@ def train_probe(x, y, n_classes, epochs, lr=3e-4, batch_size=16, weight_decay=0.
     return clf
 
 
+@torch.autocast("cpu", enabled=False)
 def linear_probe(emb, labels, splits, epochs=(10, 20, 50), lr=3e-4, batch_size=16, weight_decay=0.1, seed=0):
     """The paper's probe: one classifier per epoch count, trained on the train split, scored on
-    test (and valid, if any). -> {"classes", "files", "runs": [{epochs, test: {accuracy, macro_f1},
-    valid: ...}], "best": the run with the best test accuracy (then macro-F1), as the paper reports}."""
+    test (and valid, if any). -> {"classes", "files", "runs": [{epochs, train_loss, test: {accuracy,
+    macro_f1}, valid: ...}], "best": the run with the best test accuracy (then macro-F1), as the
+    paper reports}. train_loss (final cross-entropy on the train split) shows under- or overfitting."""
     classes = sorted(set(labels))
     y = np.array([classes.index(l) for l in labels])
     splits = np.asarray(splits)
@@ -315,8 +344,9 @@ def linear_probe(emb, labels, splits, epochs=(10, 20, 50), lr=3e-4, batch_size=1
     runs = []
     for n_ep in epochs:
         clf = train_probe(emb[train], y[train], len(classes), n_ep, lr, batch_size, weight_decay, seed)
-        run = {"epochs": n_ep}
         with torch.no_grad():
+            x_train = torch.from_numpy(emb[train])
+            run = {"epochs": n_ep, "train_loss": float(F.cross_entropy(clf(x_train), torch.from_numpy(y[train])))}
             for s in ("test", "valid"):
                 m = splits == s
                 if m.any():
@@ -331,9 +361,9 @@ def linear_probe(emb, labels, splits, epochs=(10, 20, 50), lr=3e-4, batch_size=1
 def format_probe(res):
     lines = [f"probe: {len(res['classes'])} classes, files train {res['files']['train']} / valid "
              f"{res['files']['valid']} / test {res['files']['test']}, embeddings of {res['dim']} dims",
-             "epochs  test_acc  test_f1" + ("  valid_acc  valid_f1" if res["files"]["valid"] else "")]
+             "epochs  train_loss  test_acc  test_f1" + ("  valid_acc  valid_f1" if res["files"]["valid"] else "")]
     for r in res["runs"]:
-        line = f"{r['epochs']:6d}  {r['test']['accuracy']:8.4f}  {r['test']['macro_f1']:7.4f}"
+        line = f"{r['epochs']:6d}  {r['train_loss']:10.4f}  {r['test']['accuracy']:8.4f}  {r['test']['macro_f1']:7.4f}"
         if "valid" in r:
             line += f"  {r['valid']['accuracy']:9.4f}  {r['valid']['macro_f1']:8.4f}"
         lines.append(line)
@@ -343,6 +373,7 @@ def format_probe(res):
     return "\n".join(lines)
 
 
+@torch.autocast("cpu", enabled=False)
 def pca_2d(x):
     """(n, E) -> (n, 2): the projection on the first two principal components."""
     x = torch.as_tensor(x, dtype=torch.float64)
@@ -393,6 +424,20 @@ def run(args):
     def warn(msg):
         print(f"embed.py: skipping {msg}", file=sys.stderr, flush=True)
 
+    for bad, msg in ((args.notes_per_chunk < 1, "--notes_per_chunk must be at least 1"),
+                     (args.max_len < 2, "--max_len must be at least 2 (a chunk needs room for <E>)"),
+                     (args.max_chunks < 0, "--max_chunks must be 0 (all) or more"),
+                     (args.batch_size < 1, "--batch_size must be at least 1"),
+                     (args.probe_batch_size < 1, "--probe_batch_size must be at least 1"),
+                     (args.probe_lr < 0 or args.probe_weight_decay < 0, "--probe_lr and --probe_weight_decay must be >= 0")):
+        if bad:
+            raise Fail(msg)
+    try:
+        epochs = [int(e) for e in args.probe_epochs.split(",") if e.strip()]
+    except ValueError:
+        epochs = []
+    if not epochs or min(epochs) < 1:
+        raise Fail(f"--probe_epochs {args.probe_epochs!r}: expected positive numbers like 10,20,50")
     k = None
     if args.nearest:
         try:
@@ -424,10 +469,12 @@ def run(args):
         emb = emb_all[[where[os.path.realpath(f)] for f in files]]
     else:
         _, _, device = M.setup_distributed(args.device)
+        dtype = torch.bfloat16 if args.dtype == "bfloat16" else torch.float32
         model = load_embedder(args.ckpt, device, args.head)
         emb, ok, errors = embed_files(model, files, args.batch_size, args.head, args.notes_per_chunk, args.max_len,
-                                      args.max_chunks, on_error=warn)
-        print(f"embed.py: {len(ok)} files embedded ({emb.shape[1]} dims, head {args.head})"
+                                      args.max_chunks, on_error=warn, dtype=dtype)
+        print(f"embed.py: {len(ok)} files embedded ({emb.shape[1]} dims, head {args.head}, "
+              f"{'bfloat16 autocast' if dtype == torch.bfloat16 else 'float32'} on {device})"
               + (f", {len(errors)} skipped" if errors else ""), file=sys.stderr, flush=True)
         if not ok:
             raise Fail("none of the files could be embedded")
@@ -440,7 +487,7 @@ def run(args):
         query = args.nearest[1]
         if model is not None:
             try:
-                q = global_embedding(model, query, batch_size=args.batch_size, head=args.head,
+                q = global_embedding(model, query, batch_size=args.batch_size, head=args.head, dtype=dtype,
                                      notes_per_chunk=args.notes_per_chunk, max_len=args.max_len, max_chunks=args.max_chunks)
             except T.TokenizerError as e:
                 raise Fail(f"the --nearest query: {e}") from None
@@ -458,16 +505,13 @@ def run(args):
     if args.probe:
         keep = [i for i, f in enumerate(ok) if os.path.realpath(f) in labels]
         lab = [labels[os.path.realpath(ok[i])] for i in keep]
-        try:
-            epochs = [int(e) for e in args.probe_epochs.split(",") if e.strip()]
-        except ValueError:
-            raise Fail(f"--probe_epochs {args.probe_epochs!r}: expected numbers like 10,20,50") from None
         res = linear_probe(emb[keep], [l for l, _ in lab], [s for _, s in lab], epochs, args.probe_lr,
                            args.probe_batch_size, args.probe_weight_decay, args.seed)
         res["skipped"] = len(rows) - len(keep)
         print(format_probe(res) + (f"\n({res['skipped']} labelled files could not be embedded)" if res["skipped"] else ""))
         if args.probe_out:
-            Path(args.probe_out).write_text(json.dumps(res, indent=1) + "\n")
+            res["settings"] = {o: getattr(args, o) for o in ("probe_lr", "probe_batch_size", "probe_weight_decay", "seed")}
+            write_atomic(args.probe_out, lambda f: f.write((json.dumps(res, indent=1) + "\n").encode()))
 
     if args.map:
         groups = [labels[os.path.realpath(f)][0] if os.path.realpath(f) in labels else Path(f).parent.name for f in ok]
