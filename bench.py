@@ -3,8 +3,8 @@ The performance figures that README reports, one subcommand per component.
 
     python bench.py tokenizer [FILES_OR_DIRS...]   # notes/s: mido parse vs our parse+tokenize, etc.
     python bench.py train --preset tiny --data data/synthetic   # fwd+bwd tokens/s, MFU; data loader tokens/s
-    python bench.py sample --preset medium --compile             # decode tokens/s
-    python bench.py sample [--preset tiny|small|medium] [--ckpt X] [--batch 1] [--tokens 256] [--compile]
+    python bench.py sample --preset medium --cuda_graph          # ms/step, tokens/s, share of the bandwidth floor
+    python bench.py sample [--preset tiny|small|medium] [--ckpt X] [--batch 1,8] [--tokens 256] [--compile]
 
 Each prints a small table and the median over --repeats runs of the whole file set.
 This is a benchmark, not a test: run it on a quiet machine.
@@ -84,9 +84,25 @@ def device_name(device):
     return f"{cpu}, {torch.get_num_threads()} threads"
 
 
+def copy_bandwidth(device, nbytes):
+    """Bytes/s of a device-to-device copy_ of nbytes (read + write counted; median of 5): the
+    rate weights can stream at. On CPU a memcpy with torch's threads; one core may read alone
+    faster than it copies, so a CPU share of the floor can pass 100%."""
+    import torch
+    src = torch.ones(nbytes // 4, device=device)
+    dst = torch.empty_like(src)
+    sync = torch.cuda.synchronize if src.is_cuda else (lambda: None)
+    dst.copy_(src)
+    sync()
+    return 2 * nbytes / timed(lambda: (dst.copy_(src), sync()), 5)
+
+
 def bench_sample(args):
-    """New tokens/s of sample.generate's decode loop (grammar + min-p sampling included), timed
-    after a warm-up run of the same shape; random weights unless --ckpt."""
+    """sample.generate's decode step (grammar and min-p sampling included), random weights
+    unless --ckpt, for each --batch: ms per step and new tokens/s after a warm-up run of the
+    same shape, the time from the start of the first run (right after model loading) to its
+    first new token, and the share of the bandwidth floor: reading every weight once per
+    step at the measured copy bandwidth."""
     import torch
     import model as M
     import sample as S
@@ -96,7 +112,8 @@ def bench_sample(args):
         torch.set_num_threads(args.threads)
     try:
         device = S.pick_device(args.device)
-    except S.Fail as e:
+        batches = [int(b) for b in args.batch.split(",")]
+    except (S.Fail, ValueError) as e:
         sys.exit(f"bench.py: {e}")
     dtype = S.pick_dtype(args.dtype, device)
     if args.ckpt:
@@ -111,42 +128,57 @@ def bench_sample(args):
             model = M.Aria(M.PRESETS[args.preset])
         model = model.to(dtype).eval()
         name = f"{args.preset} (random weights)"
-    compiled = args.compile and device == "cuda"
-    if args.compile and not compiled:
-        print(f"note: --compile applies to CUDA only; decoding eagerly on {device}")
+    gpu = device == "cuda"
+    for option in ("compile", "cuda_graph"):
+        if getattr(args, option) and not gpu:
+            print(f"note: --{option} applies to CUDA only; decoding eagerly on {device}")
+    modes = [name for name, on in (("torch.compile", args.compile), ("CUDA graph", args.cuda_graph)) if on and gpu]
+    weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    bw = copy_bandwidth(device, (1 << 30) if gpu else (256 << 20))
+    floor = weight_bytes / bw
+    print(f"sample: {name}, {model.num_params() / 1e6:.1f}M parameters ({weight_bytes / 1e6:.1f} MB "
+          f"{str(dtype).replace('torch.', '')}), {device}: {device_name(device)}; {' + '.join(modes) or 'eager'}")
+    print(f"copy bandwidth {bw / 1e9:.1f} GB/s ({'1 GiB' if gpu else '256 MiB'} copy_, read + write) -> "
+          f"floor {floor * 1e3:.3f} ms/step (every weight read once per step)")
+    print(f"{args.tokens} new tokens per row after a 2-token prompt")
+    print(f"{'batch':>5s} {'ms/step':>9s} {'new tokens/s':>13s} {'per row':>9s} {'first token':>12s} "
+          f"{'share of floor':>15s}")
     prompt = [T.INSTRUMENT_PREFIX_ID["piano"], T.BOS_ID]
-    run = dict(n_variations=args.batch, length=args.tokens, device=device, eos=False, compile=compiled)
-    t0 = time.perf_counter()
-    S.generate(model, prompt, seed=0, **run)  # warm-up, same shapes (with --compile: compiles)
-    warm = time.perf_counter() - t0
-    stats = {}
-    S.generate(model, prompt, seed=1, stats=stats, **run)
-    steps, B = stats["steps"], args.batch
-    print(f"sample: {name}, {model.num_params() / 1e6:.1f}M parameters, {stats['dtype']}, "
-          f"on {device}: {device_name(device)}{', compiled (CUDA graphs)' if compiled else ''}")
-    print(f"batch {B}, {steps} new tokens per row after a {len(prompt)}-token prompt (warm-up {warm:.1f} s)")
-    print(f"decode: {stats['decode_tokens_per_s']:.1f} new tokens/s "
-          f"({stats['decode_tokens_per_s'] / B:.1f} per row, {stats['decode_s'] / steps * 1e3:.2f} ms/step)")
+    for B in batches:
+        run = dict(n_variations=B, length=args.tokens, device=device, eos=False, compile=args.compile and gpu,
+                   cuda_graph=args.cuda_graph and gpu)
+        cold, warm = {}, {}
+        S.generate(model, prompt, seed=0, stats=cold, **run)  # the first run of this shape: compiles, captures
+        S.generate(model, prompt, seed=1, stats=warm, **run)
+        step = warm["step_s"]
+        print(f"{B:5d} {step * 1e3:9.3f} {B / step:13.1f} {1 / step:9.1f} {cold['first_token_s']:10.2f} s "
+              f"{100 * floor / step:14.1f}%")
 
 
 def bench_train(args):
     """Forward+backward tokens/s and MFU for a preset, and the data loader's tokens/s beside it."""
     import contextlib
+    from dataclasses import replace
     import torch
+    import torch.nn.functional as F
     import model as M
     device = torch.device(args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
+    dtype = args.dtype if args.dtype != "auto" else "bfloat16" if device.type == "cuda" else "float32"
     torch.manual_seed(0)
-    cfg = M.replace(M.PRESETS[args.preset], max_seq_len=max(args.seq_len, M.PRESETS[args.preset].max_seq_len),
-                    grad_checkpoint=args.grad_checkpoint)
+    cfg = replace(M.PRESETS[args.preset], max_seq_len=max(args.seq_len, M.PRESETS[args.preset].max_seq_len),
+                  grad_checkpoint=args.grad_checkpoint)
     m = M.Aria(cfg).to(device).train()
     opt = M.configure_optimizer(m, device_type=device.type)
     step_model = torch.compile(m) if device.type == "cuda" and args.compile else m
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
+    autocast = (torch.autocast(device.type, dtype=torch.bfloat16) if dtype == "bfloat16"
+                else contextlib.nullcontext())
     batch = torch.randint(6, cfg.vocab_size, (args.batch, args.seq_len + 1), device=device)
 
     def step():
         with autocast:
-            loss, _ = M.next_token_loss(step_model, batch)
+            logits = step_model(batch[:, :-1])  # (B, T, V)
+        # the loss in float32, outside autocast (its matmuls would run in bf16)
+        loss = F.cross_entropy(logits.float().flatten(0, 1), batch[:, 1:].flatten())
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -158,9 +190,9 @@ def bench_train(args):
     t = timed(lambda: (step(), sync()), args.steps)
     tok_s = args.batch * args.seq_len / t
     mfu = M.estimate_mfu(cfg, args.seq_len, tok_s) if device.type == "cuda" else None
-    name = torch.cuda.get_device_name() if device.type == "cuda" else f"CPU ({torch.get_num_threads()} threads)"
-    print(f"train: {args.preset} ({m.num_params() / 1e6:.1f}M), batch {args.batch} x {args.seq_len}, {name}: "
-          f"{t * 1e3:.0f} ms/step, {tok_s:,.0f} tokens/s" + (f", MFU {100 * mfu:.1f}%" if mfu else ""))
+    print(f"train: {args.preset} ({m.num_params() / 1e6:.1f}M), batch {args.batch} x {args.seq_len}, {dtype}, "
+          f"{device_name(device.type)}: {t * 1e3:.0f} ms/step, {tok_s:,.0f} tokens/s"
+          + (f", MFU {100 * mfu:.1f}%" if mfu else ""))
     if args.data:
         import pretrain
         ds = pretrain.PackedWindows(args.data, "train", args.seq_len, 0, True)
@@ -192,13 +224,16 @@ def main():
     p.add_argument("--preset", default="tiny", choices=["tiny", "small", "medium"],
                    help="model shape (random weights) when no --ckpt")
     p.add_argument("--ckpt", default=None, help="a checkpoint instead of a preset")
-    p.add_argument("--batch", type=int, default=1, help="variations decoded together")
+    p.add_argument("--batch", default="1,8", help="comma-separated batch sizes (variations decoded together)")
     p.add_argument("--tokens", type=int, default=256, help="new tokens per row")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"])
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
                    help="auto: bfloat16 on CUDA, float32 elsewhere")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
-    p.add_argument("--compile", action="store_true", help="CUDA: compile the decode step (CUDA graphs)")
+    p.add_argument("--compile", action="store_true",
+                   help="CUDA: torch.compile the model's forward (sample.py --compile)")
+    p.add_argument("--cuda_graph", action="store_true",
+                   help="CUDA: the decode step as one CUDA graph (sample.py --cuda_graph; experimental)")
     p.set_defaults(fn=bench_sample)
     p = sub.add_parser("train", help="forward+backward tokens/s and MFU; the data loader's tokens/s beside it",
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -208,6 +243,8 @@ def main():
     p.add_argument("--steps", type=int, default=5, help="timed steps (median reported)")
     p.add_argument("--warmup", type=int, default=2, help="untimed steps first (compilation)")
     p.add_argument("--device", default="auto", help="cpu, cuda or auto")
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"],
+                   help="bfloat16: matmuls under autocast, as pretrain.py on CUDA; auto: bfloat16 on CUDA")
     p.add_argument("--compile", type=int, default=1, help="torch.compile on CUDA (1/0)")
     p.add_argument("--grad_checkpoint", action="store_true", help="activation checkpointing")
     p.add_argument("--data", default=None, help="a prepared dataset: also time the augmenting data loader")

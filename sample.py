@@ -12,22 +12,18 @@ the continuation alone, moved to start at 0 s) and OUT/<prompt stem>_<i>.json
 (every setting, the checkpoint, token counts, tokens/s) for i = 1..--variations.
 
 What it does, top to bottom:
-- prompt (SPEC §D.1): the notes starting in the first --prompt_seconds, tokenized
-  without <D> and <E> (tokenizer.prompt).
-- model (SPEC §D.2): static KV cache, one prefill of the prompt, then one token
-  per step for all variations at once; bf16 on CUDA, and --compile turns the
-  decode step into a CUDA graph (torch.compile mode="reduce-overhead").
-- sampling (SPEC §D.3): temperature, then top-k, top-p and min-p (the official
-  default: drop tokens below min_p x the most likely one), then a draw from a
-  torch.Generator seeded by --seed, on the device; temperature 0 is greedy.
-  A row that has produced <E> is finished. --end is the official force_end: in
-  the last 130 positions the first token sampled at an event boundary becomes
-  <D>, the ending cue the generative finetune was trained with (paper §3.2).
-- grammar (ours, not in the official code): every token is drawn only from the
-  tokens that can legally come next in an Aria body, so every sample decodes
-  (see Grammar below).
+- prompt (SPEC §D.1): the notes starting in the first --prompt_seconds (tokenizer.prompt).
+- model (SPEC §D.2): static KV cache, one prefill, then one decode step per token for all
+  variations at once (bf16 on CUDA); --cuda_graph records the step once and replays it.
+- sampling (SPEC §D.3): temperature, top-k, top-p, min-p (official default: drop tokens
+  below min_p x the most likely one), then a draw seeded by --seed; temperature 0 is greedy.
+  --end is the official force_end: in the last 130 positions the first token at an event
+  boundary becomes <D>, the ending cue of the generative finetune (paper §3.2).
+- grammar (ours, not official): only tokens that can legally come next in an Aria body,
+  so every sample decodes.
 """
 import argparse
+import functools
 import json
 import math
 import sys
@@ -54,44 +50,21 @@ CHECK_DONE_EVERY = 64           # steps between "all rows finished?" checks (a h
 #   NOTE_ONSET  after a note's onset: a duration (10..5000 ms; dur 0 never occurs)
 #   DRUM        after a drum token: an onset
 #   DONE        after <E>: only <P>
-# At a boundary: notes of the instruments named in the row's prefix (never the
-# velocity-0 ids, which the tokenizer never produces), drums if the drum prefix is
-# there, <T>, <D> (once), <E> (only in EVENT). Onsets never go back in time inside
-# a segment: an onset is >= the last onset since the last <T>. <S>, <P>, <U> and
-# prefix tokens never appear in a body.
+# At a boundary: notes of the instruments named in the row's prefix (never the velocity-0
+# ids, which the tokenizer never produces), drums if the drum prefix is there, <T>, <D>
+# (once), <E> (only in EVENT). Onsets never go back in time inside a segment (>= the last
+# onset since the last <T>). <S>, <P>, <U> and prefix tokens never appear in a body.
 
 START, EVENT, NOTE, NOTE_ONSET, DRUM, DONE = range(6)
 DIM_USED = 6
 N_STATES = 12
 
 
-def _next_state(state, tok):
-    """State after token `tok`. Total: tokens the grammar forbids (possible in a user's
-    prompt or with grammar=False) move to the nearest sensible state."""
-    s, dim = state % DIM_USED, state - state % DIM_USED
-    cls = T.TOKEN_CLASS[tok]
-    if s == DONE:
-        return state
-    if tok == T.EOS_ID:
-        s = DONE
-    elif tok == T.DIM_ID:
-        s, dim = START, DIM_USED
-    elif cls == T.NOTE:
-        s = NOTE
-    elif cls == T.DRUM:
-        s = DRUM
-    elif cls == T.ONSET:
-        s = NOTE_ONSET if s == NOTE else EVENT
-    elif cls == T.DUR:
-        s = EVENT
-    else:  # <T>, and <S> <P> <U> / prefixes, which are not grammatical in a body
-        s = START
-    return s + dim
-
-
+@functools.cache
 def _tables():
-    """(N_STATES, V) bool: tokens allowed in each state; (N_STATES, V) next state;
-    (N_STATES,) whether the state expects an onset (then the onset lower bound applies)."""
+    """(N_STATES, V) bool: the tokens allowed in each state; (N_STATES, V) long: the state
+    after each token. Tokens the grammar forbids (possible in a user's prompt or with
+    grammar=False) still lead to the nearest sensible state."""
     V = T.VOCAB_SIZE
     cls = torch.from_numpy(T.TOKEN_CLASS.astype("int64"))
     ids = torch.arange(V)
@@ -99,6 +72,7 @@ def _tables():
     boundary = note_ok | (cls == T.DRUM)
     boundary[T.SEG_ID] = True
     allowed = torch.zeros(N_STATES, V, dtype=torch.bool)
+    nxt = torch.empty(N_STATES, V, dtype=torch.long)
     for dim in (0, DIM_USED):
         allowed[START + dim] = boundary
         allowed[START + dim, T.DIM_ID] = dim == 0
@@ -108,17 +82,15 @@ def _tables():
         allowed[DRUM + dim] = cls == T.ONSET
         allowed[NOTE_ONSET + dim] = (cls == T.DUR) & (ids != T.DUR_START)
         allowed[DONE + dim, T.PAD_ID] = True
-    # next-state table: tokens of one class act alike, except the specials
-    groups = [[i] for i in range(T.PREFIX_START)] + [ids[cls == c] for c in (T.PREFIX, T.NOTE, T.DRUM, T.ONSET, T.DUR)]
-    nxt = torch.empty(N_STATES, V, dtype=torch.long)
-    for state in range(N_STATES):
-        for group in groups:
-            nxt[state, group] = _next_state(state, int(group[0]))
-    expects_onset = torch.tensor([s % DIM_USED in (NOTE, DRUM) for s in range(N_STATES)])
-    return allowed, nxt, expects_onset
-
-
-_TABLES = None
+        for s in range(DONE):
+            # the state after a token of each class; <S> <P> <U> and prefixes are not body tokens
+            after = {T.SPECIAL: START, T.PREFIX: START, T.NOTE: NOTE, T.DRUM: DRUM, T.DUR: EVENT,
+                     T.ONSET: NOTE_ONSET if s == NOTE else EVENT}
+            nxt[s + dim] = torch.tensor([after[c] for c in range(len(after))])[cls] + dim
+            nxt[s + dim, T.EOS_ID] = DONE + dim
+            nxt[s + dim, T.DIM_ID] = START + DIM_USED
+        nxt[DONE + dim] = DONE + dim
+    return allowed, nxt
 
 
 def prompt_info(ids):
@@ -134,9 +106,10 @@ def prompt_info(ids):
     instruments = {names[i] for i in ids[:bos] if i in names}
     if not instruments:
         raise ValueError("prompt prefix names no instrument, so no note could follow")
+    nxt = _tables()[1]
     state, last = START, T.ONSET_START
     for i in ids[bos + 1:]:
-        state = _next_state(state, i)
+        state = int(nxt[state, i])
         if i == T.SEG_ID:
             last = T.ONSET_START
         elif T.TOKEN_CLASS[i] == T.ONSET:
@@ -145,47 +118,46 @@ def prompt_info(ids):
 
 
 class Grammar:
-    """Per-row grammar state for a batch, kept on the device: allowed() is a (B, V)
-    mask built from one precomputed (N_STATES, V) table, the row's instrument mask
-    and one comparison for the onset lower bound; advance() is a table lookup."""
+    """Per-row grammar state for a batch, on the device. bias() is the (B, V) logit bias, 0
+    where allowed and -inf where not: a row of a precomputed (B x N_STATES, V) table (the
+    state's tokens, the row's instruments) plus, on the onset ids, a row of an (onsets,
+    onsets) table for the onset lower bound (harmless where onsets are banned anyway): row
+    lookups and adds, several times cheaper on CPU than comparisons and masked_fill over the
+    vocabulary. advance() is a table lookup."""
 
     def __init__(self, prompts, device="cpu", eos=True):
-        global _TABLES
-        if _TABLES is None:
-            _TABLES = _tables()
-        allowed, nxt, expects = _TABLES
-        self.table, self.next, self.expects_onset = allowed.to(device), nxt.to(device), expects.to(device)
-        V = T.VOCAB_SIZE
-        rows, states, lasts = [], [], []
-        for p in prompts:
-            instruments, state, last = prompt_info(p)
-            row = torch.ones(V, dtype=torch.bool)
+        allowed, nxt = _tables()
+        V, inf = T.VOCAB_SIZE, float("-inf")
+        info = [prompt_info(p) for p in prompts]  # (instruments, state, last onset) per row
+        row_ok = torch.ones(len(info), V, dtype=torch.bool)  # (B, V): only the row's instruments
+        for b, (instruments, _, _) in enumerate(info):
             for k, name in enumerate(T.INSTRUMENTS):
                 if name not in instruments:
                     start = T.NOTE_START + k * T.NOTES_PER_INSTRUMENT
-                    row[start:start + T.NOTES_PER_INSTRUMENT] = False
+                    row_ok[b, start:start + T.NOTES_PER_INSTRUMENT] = False
             if "drum" not in instruments:
-                row[T.DRUM_START:T.DUR_START] = False
-            row[T.EOS_ID] = eos
-            rows.append(row)
-            states.append(state)
-            lasts.append(last)
-        self.row_allowed = torch.stack(rows).to(device)                # (B, V)
-        self.state = torch.tensor(states, dtype=torch.long, device=device)  # (B,)
-        self.last_onset = torch.tensor(lasts, dtype=torch.long, device=device)  # (B,) onset id
-        self.vocab_ids = torch.arange(V, device=device)
+                row_ok[b, T.DRUM_START:T.DUR_START] = False
+        row_ok[:, T.EOS_ID] = eos
+        ok = allowed & row_ok[:, None]  # (B, N_STATES, V)
+        self.table = torch.zeros(ok.shape).masked_fill_(~ok, inf).flatten(0, 1).to(device)  # (B * N_STATES, V)
+        k = torch.arange(V - T.ONSET_START)
+        self.onset_floor = torch.zeros(len(k), len(k)).masked_fill_(k < k[:, None], inf).to(device)  # j: onsets >= j
+        self.next = nxt.to(device)
+        self.first_row = torch.arange(len(info), device=device) * N_STATES  # (B,)
+        self.state = torch.tensor([state for _, state, _ in info], device=device)  # (B,)
+        self.last_onset = torch.tensor([last for _, _, last in info], device=device)  # (B,) onset id
 
-    def allowed(self):
-        """(B, V) bool: the tokens each row may take next."""
-        lower = torch.where(self.expects_onset[self.state], self.last_onset, 0)  # (B,)
-        return self.table[self.state] & self.row_allowed & (self.vocab_ids >= lower[:, None])
+    def bias(self):
+        """(B, V) float: 0 for the tokens each row may take next, -inf for the others."""
+        b = self.table.index_select(0, self.first_row + self.state)
+        b[:, T.ONSET_START:] += self.onset_floor.index_select(0, self.last_onset - T.ONSET_START)
+        return b
 
     def advance(self, tok):
-        """Move every row past its token tok (B,)."""
-        self.state = self.next[self.state, tok]
-        is_onset = tok >= T.ONSET_START
-        self.last_onset = torch.where(tok == T.SEG_ID, T.ONSET_START,
-                                      torch.where(is_onset, tok, self.last_onset))
+        """Move every row past its token tok (B,), in place (a CUDA graph replays on these buffers)."""
+        last = torch.where(tok == T.SEG_ID, T.ONSET_START, torch.where(tok >= T.ONSET_START, tok, self.last_onset))
+        self.state.copy_(self.next[self.state, tok])
+        self.last_onset.copy_(last)
 
     @property
     def done(self):
@@ -201,15 +173,15 @@ class Grammar:
 
 
 def pick(logits, temp, top_k=0, top_p=None, min_p=0.0, generator=None):
-    """(B, V) logits (-inf where banned) -> (B,) ids. Order: temperature, top-k,
-    top-p, min-p, then a draw. Works on logits: min-p's p_i < min_p * p_max is
-    x_i < x_max + log(min_p), and the draw is argmax(x + Gumbel noise), which picks
-    i with probability softmax(x)_i without a host sync (and is cheaper on CPU than
-    torch.multinomial or exponential_)."""
+    """(B, V) logits (-inf where banned) -> (B,) ids. Order: temperature, top-k, top-p,
+    min-p, then a draw, all without a host sync. The draw inverts the cumulative
+    distribution with one uniform per row: on CPU several times cheaper than a Gumbel-max
+    draw (V uniforms, two logs and an argmax per row) or torch.multinomial."""
     x = logits.float()
     if temp == 0:
         return x.argmax(-1)
     x = x / temp
+    best = x.max(-1, keepdim=True)  # (B, 1): the most likely token survives every filter
     if top_k and top_k < x.shape[-1]:
         kth = torch.topk(x, top_k, dim=-1).values[:, -1:]
         x = x.masked_fill(x < kth, float("-inf"))
@@ -218,60 +190,87 @@ def pick(logits, temp, top_k=0, top_p=None, min_p=0.0, generator=None):
         p = srt.softmax(-1)
         srt = srt.masked_fill(p.cumsum(-1) - p > top_p, float("-inf"))  # keeps the token crossing top_p
         x = torch.full_like(x, float("-inf")).scatter(-1, idx, srt)
-    if min_p:
-        x = x.masked_fill(x < x.amax(-1, keepdim=True) + math.log(min_p), float("-inf"))
-    u = torch.rand(x.shape, generator=generator, device=x.device)  # [0, 1): -log(-log u) is never +inf
-    return (x - torch.log(-torch.log(u))).argmax(-1)
+    # e = p / p_max, 0 where min-p drops it (p < min_p * p_max) or banned; the clamp keeps
+    # exp off its slow path for -inf on CPU and does not change what is dropped
+    floor = min_p or 1e-30
+    e = torch.threshold((x - best.values).clamp_min_(math.log(floor) - 1).exp_(), floor, 0.0)
+    cdf = e.cumsum(-1)  # (B, V), unnormalised; the total is >= 1
+    r = cdf[:, -1:] * (1 - torch.rand(cdf.shape[0], 1, generator=generator, device=x.device))  # in (0, total]
+    tok = torch.searchsorted(cdf, r)  # (B, 1) first i with cdf_i >= r, so e_i > 0
+    # a parallel cumsum (CUDA) may round out of order; never let that pick a dropped token
+    return torch.where(e.gather(1, tok) > 0, tok, best.indices)[:, 0]
 
 
-def _decode_step(model, tok, pos):
-    return model(tok, input_pos=pos)[:, 0]
+def _forward(model, tok, pos):
+    return model(tok, input_pos=pos)[:, 0]  # (B, 1) ids at (B, 1) positions -> (B, V) logits
 
 
 _compiled = {}
 
 
-def _compiled_decode(options):
-    key = tuple(sorted(options.items()))
+def _forward_fn(compile, cuda_graph, device):
+    """The decode step's model call, eager or torch.compile'd (once per options: a fresh
+    torch.compile recompiles); dynamo cannot trace the draw's seeded torch.Generator. True:
+    inductor on CUDA (else eager), without cuda_graph also with its own CUDA graphs (mode=
+    "reduce-overhead"), which cannot nest in ours. A dict: torch.compile(**dict) anywhere."""
+    if compile is True and device.type == "cuda":
+        compile = dict(fullgraph=True, mode=None if cuda_graph else "reduce-overhead")
+    if not isinstance(compile, dict):
+        return _forward
+    key = tuple(sorted(compile.items()))
     if key not in _compiled:
-        _compiled[key] = torch.compile(_decode_step, **options)
-    return _compiled[key]
+        _compiled[key] = torch.compile(_forward, **compile)
+    fn = _compiled[key]
+    if compile.get("mode") != "reduce-overhead":
+        return fn
+
+    def marked(*args):
+        torch.compiler.cudagraph_mark_step_begin()  # the last step's outputs may be overwritten now
+        return fn(*args)
+    return marked
+
+
+def _capture(step, gen, device):
+    """Run `step` once on a side stream (PyTorch's recipe before a capture: lazy inits,
+    inductor's compile), which makes the first token, then record it as a CUDA graph and
+    return the replay; recording runs no kernels. The seeded generator is registered with
+    the graph, so each replay reads its seed and offset on the device and advances it as an
+    eager call would: graph and eager draw the same numbers (tests/test_cuda.py). A
+    counter-based noise would need no generator but costs more per step on CPU."""
+    side = torch.cuda.Stream(device)
+    side.wait_stream(torch.cuda.current_stream(device))
+    with torch.cuda.stream(side):
+        step()
+    torch.cuda.current_stream(device).wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    graph.register_generator_state(gen)
+    with torch.cuda.graph(graph):
+        step()
+    return graph.replay
 
 
 def _ensure_cache(model, batch, length, dtype, device):
-    # reuse same-shaped buffers: a compiled CUDA graph keeps pointing at them
+    # reuse same-shaped KV buffers (compiled code keeps pointing at them); stale slots are
+    # overwritten before any query can see them (model.setup_cache)
     kv = model.model.encode_layers[0].kv_cache
-    if kv is not None and kv.k.shape[0] == batch and kv.k.shape[2] == length and kv.k.dtype == dtype \
-            and kv.k.device == device and model.model.cache_visible is not None:
-        model.model.cache_visible.fill_(True)
-        return
-    model.setup_cache(batch, length, dtype=dtype, device=device)
+    if kv is None or (kv.k.shape[0], kv.k.shape[2], kv.k.dtype, kv.k.device) != (batch, length, dtype, device):
+        model.setup_cache(batch, length, dtype=dtype, device=device)
 
 
 def _sync(device):
-    if torch.device(device).type == "cuda":
+    if device.type == "cuda":
         torch.cuda.synchronize(device)
-
-
-def _as_prompts(prompt_ids):
-    """One prompt (ids) or several (lists of ids, or a 2-D tensor) -> list of lists of int."""
-    if hasattr(prompt_ids, "tolist"):  # tensor / numpy array
-        prompt_ids = prompt_ids.tolist()
-    prompt_ids = [p.tolist() if hasattr(p, "tolist") else p for p in prompt_ids]
-    if prompt_ids and isinstance(prompt_ids[0], (list, tuple)):
-        return [[int(i) for i in p] for p in prompt_ids]
-    return [[int(i) for i in prompt_ids]]
 
 
 @torch.no_grad()
 def generate(model, prompt_ids, n_variations=1, length=2048, temp=0.98, min_p=0.035, top_p=None,
-             top_k=0, seed=0, end=False, device=None, grammar=True, eos=True, compile=False, stats=None,
-             progress=None):
+             top_k=0, seed=0, end=False, device=None, grammar=True, eos=True, compile=False,
+             cuda_graph=False, stats=None, progress=None):
     """Continue prompts; returns one full token list per row (prompt + new tokens,
     cut after <E> when one was produced).
 
-    prompt_ids: one prompt (list of ids, `prefix <S> body`, no <E>) sampled
-                n_variations times, or a list of prompts (each n_variations times)
+    prompt_ids: one prompt (ids, `prefix <S> body`, no <E>) sampled n_variations
+                times, or several (lists of ids or a 2-D tensor; each n_variations times)
     length:     new tokens at most, capped by the model's max_seq_len minus the prompt
     temp:       0 = greedy; top_k 0 and top_p None/1.0 are off; min_p 0 is off
     seed:       seeds a torch.Generator on the device (same seed, same output)
@@ -279,14 +278,14 @@ def generate(model, prompt_ids, n_variations=1, length=2048, temp=0.98, min_p=0.
                 at an event boundary becomes <D> (if the row has no <D> yet)
     grammar:    only tokens that can legally come next (see Grammar); False = official
     eos:        False never samples <E> (fixed-length runs, benchmarks)
-    compile:    True: on CUDA, torch.compile the decode step with mode="reduce-overhead"
-                (CUDA graphs), elsewhere ignored; a dict: torch.compile(**compile) anywhere
+    compile:    see _forward_fn; cuda_graph: see _capture (CUDA only, same tokens)
     device:     where to run (the model is moved there); default: where the model is
     stats:      a dict to fill with timings and counts
-    progress:   called as progress(steps_done, length) every 64 steps
+    progress:   called as progress(steps_done, length) at most every 10 s
     """
-    prompts = _as_prompts(prompt_ids)
-    rows = [p for p in prompts for _ in range(n_variations)]
+    ids = [p.tolist() if hasattr(p, "tolist") else p for p in prompt_ids]  # rows of tensors, numpy arrays
+    prompts = ids if ids and isinstance(ids[0], (list, tuple)) else [ids]
+    rows = [[int(i) for i in p] for p in prompts for _ in range(n_variations)]
     B, V = len(rows), model.config.vocab_size
     if n_variations < 1 or not all(rows):
         raise ValueError("need n_variations >= 1 and non-empty prompts")
@@ -297,69 +296,68 @@ def generate(model, prompt_ids, n_variations=1, length=2048, temp=0.98, min_p=0.
     device = torch.empty(0, device=device if device is not None else model.lm_head.weight.device).device
     model = model.to(device)
     dtype = model.lm_head.weight.dtype
-    n = torch.tensor([len(p) for p in rows], device=device)
     P = max(len(p) for p in rows)
     length = min(length, model.config.max_seq_len - P)
     if length < 1:
         raise ValueError(f"prompt of {P} tokens leaves no room in the model's context "
                          f"({model.config.max_seq_len} tokens)")
-    g = Grammar(rows, device, eos=eos)
-    gen = torch.Generator(device=device).manual_seed(seed)
-    seq = torch.full((B, P + length), T.PAD_ID, dtype=torch.long, device=device)
-    for b, p in enumerate(rows):
-        seq[b, :len(p)] = torch.tensor(p, device=device)
-    ar = torch.arange(B, device=device)
-    end_from = n + length - FORCE_END_WINDOW  # (B,) first position of each row's force_end window
-
-    decode, graphs = _decode_step, False
-    if compile is True and device.type == "cuda":
-        compile = dict(mode="reduce-overhead", fullgraph=True)  # static cache + CUDA graphs (gpt-fast)
-    if isinstance(compile, dict):
-        decode, graphs = _compiled_decode(compile), compile.get("mode") == "reduce-overhead"
-
     _sync(device)
     t0 = time.perf_counter()
+    g = Grammar(rows, device, eos=eos)  # checks the prompts: each has `prefix <S>`, so >= 2 tokens
+    gen = torch.Generator(device=device).manual_seed(seed)
+    seq = torch.tensor([p + [T.PAD_ID] * (P + length - len(p)) for p in rows], device=device)  # (B, L)
+    n = torch.tensor([len(p) for p in rows], device=device)  # (B,)
+    pos = n.clone()  # (B,) where each row's next token goes; the step feeds the token before it
+    end_from = n + length - FORCE_END_WINDOW  # (B,) first position of each row's force_end window
+    forward = _forward_fn(compile, cuda_graph, device)
+
+    def step():
+        """One new token per row (<P> past <E>), in place on the buffers above: no host sync, no
+        branch on a tensor's value (the `if`s test Python settings), so one CUDA graph can record it."""
+        prev = pos[:, None] - 1  # (B, 1)
+        logits = forward(model, seq.gather(1, prev), prev)  # (B, V)
+        if grammar:
+            logits = logits + g.bias()
+        tok = pick(logits, temp, top_k, top_p, min_p, gen)  # (B,)
+        if end:  # official rule: the first token that is not a dur/onset (= at an event boundary)
+            tok = torch.where((tok < T.DUR_START) & ~g.dim_used & (pos >= end_from), T.DIM_ID, tok)
+        tok = torch.where(g.done, T.PAD_ID, tok)
+        seq.scatter_(1, pos[:, None], tok[:, None])
+        g.advance(tok)
+        pos.add_(1)
+
     _ensure_cache(model, B, P + length, dtype, device)
-    logits = model(seq[:, :P], input_pos=torch.arange(P, device=device), out_pos=n - 1)  # (B, V)
+    # the prompts but their last tokens: the first step feeds those (output unused)
+    model(seq[:, :P - 1], input_pos=torch.arange(P - 1, device=device).expand(B, -1), out_pos=torch.zeros_like(n))
     _sync(device)
     t1 = time.perf_counter()
-    pos = n.clone()  # where each row's next token goes
-    steps = 0
-    for steps in range(1, length + 1):
-        if grammar:
-            logits = logits.masked_fill(~g.allowed(), float("-inf"))
-        tok = pick(logits, temp, top_k, top_p, min_p, gen)
-        if end:  # official rule: the first token that is not a dur/onset (= at an event boundary)
-            force = (tok < T.DUR_START) & ~g.dim_used & (pos >= end_from)
-            tok = torch.where(force, T.DIM_ID, tok)
-        tok = torch.where(g.done, T.PAD_ID, tok)
-        seq[ar, pos] = tok
-        g.advance(tok)
-        if steps == length:
-            break
+    if cuda_graph:
+        replay = _capture(step, gen, device)  # also makes the first token
+    else:
+        step()
+        replay = step
+    _sync(device)
+    t_first = t_shown = time.perf_counter()
+    steps = 1
+    while steps < length:
         if steps % CHECK_DONE_EVERY == 0:
-            if bool(g.done.all()):
+            if bool(g.done.all()):  # the one host sync of the loop
                 break
-            if progress is not None:
+            if progress is not None and time.perf_counter() - t_shown > 10:
+                t_shown = time.perf_counter()
                 progress(steps, length)
-        if graphs:  # the last step's outputs may be overwritten from here on
-            torch.compiler.cudagraph_mark_step_begin()
-        logits = decode(model, tok[:, None], pos[:, None])
-        pos = pos + 1
+        replay()
+        steps += 1
     out = seq.tolist()  # the one big copy to the host
     t2 = time.perf_counter()
 
-    results = []
-    for b, row in enumerate(out):
-        row = row[:len(rows[b]) + steps]
-        if T.EOS_ID in row:
-            row = row[:row.index(T.EOS_ID) + 1]
-        results.append(row)
+    results = [r[:len(p) + steps] for r, p in zip(out, rows)]
+    results = [r[:r.index(T.EOS_ID) + 1] if T.EOS_ID in r else r for r in results]
     if stats is not None:
         new = sum(len(r) - len(p) for r, p in zip(results, rows))
-        stats.update(prefill_tokens=int(n.sum()), prefill_s=t1 - t0, decode_s=t2 - t1, steps=steps,
-                     batch=B, new_tokens=new, tokens_per_s=new / max(t2 - t0, 1e-9),
-                     decode_tokens_per_s=B * steps / max(t2 - t1, 1e-9), device=str(device),
+        stats.update(prefill_s=t1 - t0, first_token_s=t_first - t0, decode_s=t2 - t1, steps=steps,
+                     step_s=(t2 - t_first) / max(steps - 1, 1), new_tokens=new, tokens_per_s=new / (t2 - t0),
+                     decode_tokens_per_s=B * steps / (t2 - t1), device=str(device),
                      dtype=str(dtype).replace("torch.", ""))
     return results
 
@@ -397,9 +395,7 @@ def plot_roll(prompt_notes, new_notes, path, title):
         if notes:
             ax.barh([n[2] for n in notes], [(n[1] - n[0]) / 1000 for n in notes],
                     left=[n[0] / 1000 for n in notes], height=0.8, color=color, label=label)
-    ax.set_xlabel("time (s)")
-    ax.set_ylabel("MIDI pitch")
-    ax.set_title(title)
+    ax.set(xlabel="time (s)", ylabel="MIDI pitch", title=title)
     ax.legend(loc="upper right")
     fig.tight_layout()
     fig.savefig(path, dpi=100)
@@ -457,8 +453,11 @@ def build_parser():
     ap.add_argument("--threads", type=int, default=0,
                     help="torch CPU threads; 0 = torch's default (on a busy 2-core machine 1 is often faster)")
     ap.add_argument("--compile", action="store_true",
-                    help="CUDA: torch.compile the decode step (static KV cache + CUDA graphs); "
-                         "the first steps pay for compiling")
+                    help="CUDA: torch.compile the model's forward (inductor; without --cuda_graph also "
+                         "its CUDA graphs); the first step pays for compiling")
+    ap.add_argument("--cuda_graph", action="store_true",
+                    help="CUDA: record the whole decode step once as a CUDA graph and replay it per token "
+                         "(same tokens as without; experimental: not yet run on a GPU)")
     return ap
 
 
@@ -479,12 +478,11 @@ def check_args(a):
 
 
 def pick_device(name):
+    available = {"cuda": torch.cuda.is_available(), "mps": torch.backends.mps.is_available(), "cpu": True}
     if name == "auto":
-        return "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
-    if name == "cuda" and not torch.cuda.is_available():
-        raise Fail("--device cuda: no CUDA device available")
-    if name == "mps" and not torch.backends.mps.is_available():
-        raise Fail("--device mps: MPS is not available")
+        return next(d for d, ok in available.items() if ok)
+    if not available[name]:
+        raise Fail(f"--device {name}: not available on this machine")
     return name
 
 
@@ -508,15 +506,13 @@ def load_prompt(a):
 
 
 def load_lm(a, device, dtype):
-    if a.ckpt == DEFAULT_CKPT:
-        try:
-            M.resolve_checkpoint(a.ckpt)
-        except M.CheckpointError:
-            raise Fail(f"no checkpoint at {DEFAULT_CKPT} — run `python pretrain.py` first or pass --ckpt") from None
+    path = None
     try:
         path = M.resolve_checkpoint(a.ckpt)
         model = M.load_model(path, device=device, dtype=dtype)
     except M.CheckpointError as e:
+        if path is None and a.ckpt == DEFAULT_CKPT:
+            raise Fail(f"no checkpoint at {DEFAULT_CKPT} — run `python pretrain.py` first or pass --ckpt") from None
         raise Fail(str(e)) from None
     if "lm" not in model.heads:
         raise Fail(f"{path}: no LM head (it has {', '.join(model.heads)}): sampling needs a generative "
@@ -540,8 +536,9 @@ def run(argv=None):
         torch.set_num_threads(a.threads)
     device = pick_device(a.device)
     dtype = pick_dtype(a.dtype, device)
-    if a.compile and device != "cuda":
-        print(f"note: --compile applies to CUDA only; decoding eagerly on {device}")
+    for option in ("compile", "cuda_graph"):
+        if getattr(a, option) and device != "cuda":
+            print(f"note: --{option} applies to CUDA only; decoding eagerly on {device}")
     ids = load_prompt(a)
     model, ckpt_path = load_lm(a, device, dtype)
     name = Path(a.prompt).stem if a.prompt else "scratch"
@@ -549,32 +546,23 @@ def run(argv=None):
     print(f"prompt: {what}: {len(ids)} tokens, {len(T.detokenize_notes(ids)[0])} notes")
     print(f"model: {ckpt_path}, {model.num_params() / 1e6:.1f}M parameters, {device} "
           f"{str(dtype).replace('torch.', '')}")
-    room = model.config.max_seq_len - len(ids)
-    if room < 1:
+    length = min(a.length, model.config.max_seq_len - len(ids))
+    if length < 1:
         raise Fail(f"the prompt has {len(ids)} tokens, the model's context is {model.config.max_seq_len}; "
                    "use a shorter --prompt_seconds")
-    length = min(a.length, room)
     if length < a.length:
         print(f"note: --length {a.length} capped at {length} (context {model.config.max_seq_len} "
               f"minus the {len(ids)}-token prompt)")
 
-    stats, t0, last = {}, time.perf_counter(), [time.perf_counter()]
-
-    def progress(steps, total):  # a line every ~10 s on slow machines
-        now = time.perf_counter()
-        if now - last[0] > 10:
-            last[0] = now
-            print(f"  {steps}/{total} steps, {steps * a.variations / (now - t0):.1f} tokens/s", flush=True)
-
-    rows = generate(model, ids, a.variations, length, a.temp, a.min_p, a.top_p, a.top_k, a.seed, a.end,
-                    device, grammar=not a.no_grammar, compile=a.compile and device == "cuda", stats=stats,
-                    progress=progress)
+    stats, gpu = {}, device == "cuda"
+    rows = generate(model, ids, a.variations, length, a.temp, a.min_p, a.top_p, a.top_k, a.seed, a.end, device,
+                    grammar=not a.no_grammar, compile=a.compile and gpu, cuda_graph=a.cuda_graph and gpu,
+                    stats=stats, progress=lambda steps, total: print(f"  {steps}/{total} steps", flush=True))
     print(f"generated {stats['new_tokens']} new tokens ({a.variations} x up to {length}) in "
-          f"{stats['prefill_s'] + stats['decode_s']:.2f} s: {stats['tokens_per_s']:.1f} tokens/s "
-          f"(decode {stats['decode_tokens_per_s']:.1f} tokens/s{', compile time included' if a.compile and device == 'cuda' else ''})")
+          f"{stats['prefill_s'] + stats['decode_s']:.2f} s: {stats['tokens_per_s']:.1f} tokens/s; "
+          f"first new token after {stats['first_token_s']:.2f} s, then {stats['step_s'] * 1e3:.2f} ms per step")
 
     out = Path(a.out)
-    plot_missing = False
     try:
         out.mkdir(parents=True, exist_ok=True)
         for i, row in enumerate(rows, 1):
@@ -595,12 +583,10 @@ def run(argv=None):
             text = json.dumps({**side, "ids": None}, indent=1).replace('"ids": null', f'"ids": {json.dumps(row)}')
             Path(f"{stem}.json").write_text(text + "\n")
             written = [f"{stem}.mid", f"{stem}.json"]
-            if a.plot and not plot_missing:
-                if plot_roll(old, new, f"{stem}.png", f"{name} #{i} (seed {a.seed})"):
-                    written.append(f"{stem}.png")
-                else:
-                    plot_missing = True
-                    print("note: matplotlib is not installed; no piano roll written (pip install matplotlib)")
+            if a.plot and plot_roll(old, new, f"{stem}.png", f"{name} #{i} (seed {a.seed})"):
+                written.append(f"{stem}.png")
+            elif a.plot and i == 1:
+                print("note: matplotlib is not installed; no piano roll written (pip install matplotlib)")
             end = "ends with <E>" if side["ended"] else "no <E>"
             print(f"wrote {', '.join(written)}: {len(new)} new notes, {side['n_new_tokens']} new tokens, {end}")
     except OSError as e:

@@ -1,6 +1,9 @@
 """Tests for sample.py: KV-cache sampling against full forwards, seeds, the token grammar
-(checked by an independent walker below), force_end, the CLI end to end and its bad inputs.
-CPU only; the golden-checkpoint CLI test reads ../shared and is skipped without it."""
+(checked by an independent walker below), force_end, the decode step's graph-capture path (on
+CPU, with a stand-in for the capture; the real CUDA graph is in test_cuda.py), the CLI end to
+end (each sampling option shown by its effect on the sampled tokens) and its bad inputs.
+CPU only; the golden-checkpoint CLI test reads ../shared and is skipped without it (the
+prompt-cut test on a MIDI file made here is its weaker twin)."""
 import json
 import os
 import subprocess
@@ -115,7 +118,7 @@ def new_notes(row, prompt):
 
 
 def allowed_set(g, row=0):
-    return set(torch.nonzero(g.allowed()[row]).flatten().tolist())
+    return set(torch.nonzero(g.bias()[row] == 0).flatten().tolist())
 
 
 def test_grammar_states_step_by_step():
@@ -145,7 +148,7 @@ def test_grammar_states_step_by_step():
 def test_grammar_per_row_instruments_and_prompt_state(prompts):
     multi, piano = prompts["multi"], prompts["piano"]
     g = S.Grammar([multi, piano + [T.note_id("piano", 60, 50), T.onset_id(4000)]])
-    a = g.allowed()
+    a = g.bias() == 0
     guitar, organ = T.note_id("guitar", 40, 70), T.note_id("organ", 40, 70)
     assert a[0, guitar] and a[0, T.DRUM_START] and a[0, T.note_id("piano", 1, 10)] and not a[0, organ]
     assert a[0, T.EOS_ID]  # the prompt ends with a complete event
@@ -166,7 +169,8 @@ def test_pick_filters():
     c = counts(S.pick(logits, 1.0, generator=gen))
     assert c[4] == 0 and c[0] > c[1] > c[2] > c[3] > 0
     p = torch.softmax(logits[0, :4], -1)
-    assert abs(c[0] / 4000 - p[0].item()) < 0.03  # the Gumbel draw samples softmax(x)
+    assert abs(c[0] / 4000 - p[0].item()) < 0.03  # the draw samples softmax(x)
+    assert counts(S.pick(logits, 2.0, generator=gen))[0] < c[0] - 500  # 0.64 -> 0.43 at temperature 2
     assert counts(S.pick(logits, 1.0, top_k=2, generator=gen))[2:] == [0, 0, 0]
     assert counts(S.pick(logits, 1.0, top_p=0.5, generator=gen))[1:] == [0] * 4  # p0 = 0.64 crosses 0.5
     assert counts(S.pick(logits, 1.0, top_p=0.8, generator=gen))[2:] == [0, 0, 0]
@@ -187,7 +191,7 @@ def test_greedy_kv_cache_equals_full_forward_argmax(prompts, grammar):
     for _ in range(n_new):
         logits = m(torch.tensor([ids]))[0, -1]
         if grammar:
-            logits = logits.masked_fill(~g.allowed()[0], float("-inf"))
+            logits = logits + g.bias()[0]
         tok = int(logits.argmax())
         ids.append(tok)
         g.advance(torch.tensor([tok]))
@@ -200,15 +204,52 @@ def test_greedy_kv_cache_equals_full_forward_argmax(prompts, grammar):
 
 
 @torch.no_grad()
-def test_compiled_decode_step_traces_whole_and_matches(prompts):
-    # backend="eager": checks that the decode step compiles as one graph (what --compile needs
-    # for CUDA graphs) without a C++ toolchain; the output must not change
+def test_compiled_forward_traces_whole_and_matches(prompts):
+    # backend="eager": checks that the decode step's model call compiles as one graph (what
+    # --compile needs) without a C++ toolchain; the output must not change
     m = tiny_model()
     torch._dynamo.reset()
     eager = S.generate(m, prompts["piano"], 2, 40, seed=5)
     assert S.generate(m, prompts["piano"], 2, 40, seed=5, compile=dict(backend="eager", fullgraph=True)) == eager
     assert S.generate(m, prompts["piano"], 2, 40, seed=5, compile=True) == eager  # True: CUDA only
     torch._dynamo.reset()
+
+
+def fake_capture(calls):
+    """sample._capture without CUDA: run the step once, then replay the same closure, checking
+    on every replay that it rebinds nothing (a CUDA graph replays on the memory it recorded:
+    state must change in place) and that the KV cache stays where it was."""
+    def capture(step, gen, device):
+        calls.append(device)
+        step()
+
+        def where():
+            cells = {k: c.cell_contents for k, c in zip(step.__code__.co_freevars, step.__closure__)}
+            return ({k: id(v) for k, v in cells.items()}, {k: id(v) for k, v in vars(cells["g"]).items()},
+                    [b.kv_cache.k.data_ptr() for b in cells["model"].model.encode_layers])
+        before = where()
+
+        def replay():
+            step()
+            assert where() == before
+        return replay
+    return capture
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("kw", [dict(), dict(end=True, eos=False, temp=1.0, top_k=40, top_p=0.95),
+                                dict(grammar=False, min_p=0.0, temp=1.2)], ids=["default", "end-top", "no-grammar"])
+def test_graph_path_replays_the_same_step_and_gives_the_eager_tokens(prompts, monkeypatch, kw):
+    # the capture path of generate(cuda_graph=True) on CPU: same tokens as the eager loop for a
+    # seed, at batch 1 and batch 6 with three prompt lengths (tests/test_cuda.py: the real graph)
+    m, calls = tiny_model(), []
+    monkeypatch.setattr(S, "_capture", fake_capture(calls))
+    for batch, nvar in ((prompts["piano"], 1), ([prompts["piano"], prompts["multi"], SCRATCH], 2)):
+        eager = S.generate(m, batch, nvar, 160, seed=11, **kw)
+        assert S.generate(m, batch, nvar, 160, seed=11, cuda_graph=True, **kw) == eager
+        assert len(calls) == 1 and len({tuple(r) for r in eager}) == len(eager)
+        assert not kw.get("end") or all(T.DIM_ID in r for r in eager)
+        calls.clear()
 
 
 @torch.no_grad()
@@ -272,18 +313,38 @@ def test_grammar_holds_against_a_model_that_wants_to_break_it(prompts):
     assert grammar_problems(row) != []
 
 
+class Ender(M.Aria):
+    """A rig for --end: never <D> or <E> on its own, <E> whenever allowed once a <D> was fed
+    (the behaviour the generative finetune teaches, made certain)."""
+
+    def forward(self, ids, *args, input_pos=None, **kw):
+        out = super().forward(ids, *args, input_pos=input_pos, **kw)
+        if input_pos is None or bool((input_pos[:, 0] == 0).all()):  # a prefill starts afresh
+            self.seen = torch.zeros(ids.shape[0], dtype=torch.bool)
+        self.seen = self.seen | (ids == T.DIM_ID).any(1)
+        bias = torch.zeros(ids.shape[0], T.VOCAB_SIZE)
+        bias[:, T.DIM_ID] = -50.0
+        bias[:, T.EOS_ID] = torch.where(self.seen, 50.0, -50.0)
+        return out + (bias if out.dim() == 2 else bias[:, None])
+
+
+def force_end_position(row, start):
+    """Where --end puts <D>: the first token at or after `start` at an event boundary."""
+    return next((k for k in range(start, len(row)) if T.TOKEN_CLASS[row[k]] not in (T.ONSET, T.DUR)), None)
+
+
 @torch.no_grad()
-def test_force_end_puts_dim_at_the_first_boundary_of_the_last_130(prompts):
-    m = tiny_model(seed=2)
-    prompt, length = prompts["piano"], 160
-    rows = S.generate(m, prompt, 4, length, end=True, eos=False, seed=3)
+def test_end_steers_the_row_to_end_earlier(prompts):
+    torch.manual_seed(0)
+    m = Ender(M.ModelConfig(d_model=64, n_heads=4, n_layers=2, max_seq_len=512)).eval()
+    prompt, length = prompts["piano"], 200
     start = len(prompt) + length - S.FORCE_END_WINDOW
-    for row in rows:
-        assert len(row) == len(prompt) + length and T.EOS_ID not in row and grammar_problems(row) == []
-        assert T.DIM_ID not in row[len(prompt):start]  # (a random model very rarely samples <D> itself)
-        p = next(k for k in range(start, len(row)) if T.TOKEN_CLASS[row[k]] not in (T.ONSET, T.DUR))
-        assert row[p] == T.DIM_ID and row.count(T.DIM_ID) == 1
-    assert all(T.DIM_ID not in r for r in S.generate(m, prompt, 4, length, end=False, eos=False, seed=3))
+    plain = S.generate(m, prompt, 3, length, seed=5)
+    ended = S.generate(m, prompt, 3, length, seed=5, end=True)
+    for a, b in zip(plain, ended):
+        assert len(a) == len(prompt) + length and T.EOS_ID not in a and T.DIM_ID not in a
+        assert b.count(T.DIM_ID) == 1 and b.index(T.DIM_ID) == force_end_position(b, start)
+        assert b[-1] == T.EOS_ID and len(b) < len(prompt) + length - 100 and grammar_problems(b) == []
 
 
 @torch.no_grad()
@@ -406,6 +467,91 @@ def test_cli_trained_checkpoint_folder(trained, tmp_path, capsys):
                           "--no_grammar", "--temp", 0)
     assert rc == 0, err
     assert (tmp_path / "x" / "scratch_1.mid").is_file()
+
+
+def sample_rows(capsys, trained, out, *args):
+    """Run the CLI on the trained checkpoint and the test's own prompt; its sidecars' rows."""
+    rc, _, err = run_main(capsys, trained / "prompt.mid", "--ckpt", trained / "run", "--out", out, *args)
+    assert rc == 0, err
+    return [side["ids"] for side in sidecars(out).values()]
+
+
+@torch.no_grad()
+def replay_probs(model, row, n_prompt, temp=1.0):
+    """(N, V) probabilities the sampler saw for the N new tokens of a row, at temperature temp
+    (grammar mask included), from one full forward instead of the KV cache."""
+    logits = model(torch.tensor([row]))[0]  # (L, V)
+    g, probs = S.Grammar([row[:n_prompt]]), []
+    for k in range(n_prompt, len(row)):
+        probs.append(((logits[k - 1] + g.bias()[0]) / temp).softmax(-1))
+        g.advance(torch.tensor([row[k]]))
+    return torch.stack(probs), torch.tensor(row[n_prompt:])
+
+
+FILTERS = {  # option -> what each sampled token must satisfy, given p (V,) and its own probability q
+    "--min_p": (0.4, lambda p, q, v: q >= v * p.max() * 0.999),
+    "--top_p": (0.3, lambda p, q, v: p[p > q * 1.001].sum() < v),
+    "--top_k": (3, lambda p, q, v: int((p > q * 1.001).sum()) < v),
+}
+
+
+@pytest.mark.parametrize("option", FILTERS)
+def test_cli_filters_hold_for_every_sampled_token(trained, tmp_path, capsys, option):
+    # the sampled tokens themselves show the filter: each is one the filter keeps, and (so that
+    # this is not vacuous) the same run without the filter samples tokens it would drop
+    value, keeps = FILTERS[option]
+    model, n = M.load_model(trained / "run"), len(T.prompt(trained / "prompt.mid", 15))
+    base = ["--temp", "1.5", "--length", "60", "--variations", "3", "--min_p", "0"]
+    violations = {}
+    for run, args in (("with", [*base, option, str(value)]), ("without", base)):
+        violations[run] = 0
+        for row in sample_rows(capsys, trained, tmp_path / run, *args):
+            probs, new = replay_probs(model, row, n, temp=1.5)
+            violations[run] += sum(not keeps(p, p[t], value) for p, t in zip(probs, new))
+    assert violations["with"] == 0 and violations["without"] > 5, violations
+
+
+def test_cli_top_k_1_is_greedy_and_temp_changes_the_distribution(trained, tmp_path, capsys):
+    greedy = sample_rows(capsys, trained, tmp_path / "greedy", "--temp", "0", "--length", "60")
+    assert sample_rows(capsys, trained, tmp_path / "k1", "--top_k", "1", "--seed", "7", "--length", "60") == greedy
+    assert sample_rows(capsys, trained, tmp_path / "sampled", "--seed", "7", "--length", "60") != greedy
+    # a lower temperature samples more likely tokens: their mean log-probability at temperature 1
+    model, n = M.load_model(trained / "run"), len(T.prompt(trained / "prompt.mid", 15))
+    mean_logp = {}
+    for temp in ("0.3", "1.8"):
+        logps = []
+        for row in sample_rows(capsys, trained, tmp_path / temp, "--temp", temp, "--min_p", "0", "--length", "60",
+                               "--variations", "3"):
+            probs, new = replay_probs(model, row, n)
+            logps += probs[torch.arange(len(new)), new].log().tolist()
+        mean_logp[temp] = sum(logps) / len(logps)
+    assert mean_logp["0.3"] > mean_logp["1.8"] + 0.5, mean_logp
+
+
+def test_cli_end_puts_dim_at_the_first_boundary_of_the_last_130(trained, tmp_path, capsys):
+    n, length = len(T.prompt(trained / "prompt.mid", 15)), 200
+    start = n + length - S.FORCE_END_WINDOW
+    for end in (True, False):
+        args = ["--length", length, "--variations", "4", "--seed", "2"] + (["--end"] if end else [])
+        rows = sample_rows(capsys, trained, tmp_path / str(end), *args)
+        forced = [r[force_end_position(r, start)] == T.DIM_ID for r in rows
+                  if force_end_position(r, start) is not None and T.DIM_ID not in r[n:start]]
+        assert forced and all(forced) if end else not any(forced), (end, forced)
+
+
+def test_cli_prompt_seconds_cuts_the_prompt(trained, tmp_path, capsys):
+    # the weaker twin of the golden test on a MIDI file made here: prompt cut and round trip
+    source = T.load_midi(str(trained / "prompt.mid")).notes  # 40 notes, one every 300 ms
+    for seconds in (2, 4.5):
+        out = tmp_path / str(seconds)
+        (row,) = sample_rows(capsys, trained, out, "--prompt_seconds", seconds, "--length", "40")
+        side = sidecars(out)["prompt_1.json"]
+        k = sum(n[0] <= seconds * 1000 for n in source)  # SPEC §D.1: start <= the cut
+        assert row[:side["n_prompt_tokens"]] == T.prompt(trained / "prompt.mid", seconds)
+        assert side["n_prompt_notes"] == k and side["n_new_notes"] > 0
+        notes = T.load_midi(str(out / "prompt_1.mid")).notes
+        assert len(notes) == k + side["n_new_notes"]
+        assert [(n[0], n[2]) for n in notes[:k]] == [(n[0], n[2]) for n in source[:k]]
 
 
 def test_cli_default_checkpoint_missing(tmp_path, capsys, monkeypatch):
