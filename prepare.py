@@ -164,7 +164,7 @@ def read_metadata(path):
         else:
             with open(p, newline="", encoding="utf-8") as f:
                 rows = list(csv.DictReader(f))
-    except (ValueError, AttributeError, csv.Error, UnicodeDecodeError) as e:
+    except (ValueError, AttributeError, TypeError, csv.Error, UnicodeDecodeError) as e:
         sys.exit(f"prepare.py: cannot read metadata {p}: {e}")
     meta = {}
     for r in rows:
@@ -288,8 +288,10 @@ def main():
     ap.add_argument("--out", required=True, help="output dataset folder")
     ap.add_argument("--synthetic", type=int, default=0, help="generate this many piano pieces into OUT/midi and use them")
     ap.add_argument("--metadata", default=None, help="CSV/JSON: path, composer, opus, piece (enables the composition cap)")
-    ap.add_argument("--max_per_piece", type=int, default=MAX_PER_PIECE, help="composition cap: files per opus/piece")
-    ap.add_argument("--composer_min", type=int, default=COMPOSER_CAP_MIN, help="composition cap applies above this many tagged files")
+    ap.add_argument("--max_per_piece", type=int, default=None,
+                    help=f"composition cap: files per opus/piece (default {MAX_PER_PIECE}, --strict 1)")
+    ap.add_argument("--composer_min", type=int, default=None,
+                    help=f"composition cap applies above this many tagged files (default {COMPOSER_CAP_MIN}, --strict 0)")
     for k, v in FILTERS.items():
         ap.add_argument(f"--{k}", type=type(v), default=None, help=f"quality filter threshold (default {v}, --strict {STRICT.get(k, v)})")
     ap.add_argument("--strict", action="store_true", help="the generative finetune's settings: STRICT thresholds, "
@@ -301,6 +303,8 @@ def main():
     args = ap.parse_args()
 
     out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        sys.exit(f"prepare.py: --out {out} is a file, not a folder")
     if (out / "meta.json").exists() and not args.force:
         sys.exit(f"prepare.py: {out} already holds a dataset (use --force to replace it)")
     roots = [Path(p) for p in args.paths]
@@ -317,8 +321,10 @@ def main():
 
     base = {**FILTERS, **STRICT} if args.strict else FILTERS
     filters = {k: base[k] if getattr(args, k) is None else getattr(args, k) for k in FILTERS}
-    if args.strict:  # "removed all identified compositional duplicates" (paper §3.2)
-        args.max_per_piece, args.composer_min = 1, 0
+    # --strict "removed all identified compositional duplicates" (paper §3.2); given values win, as for the filters
+    per_piece, composer_min = (1, 0) if args.strict else (MAX_PER_PIECE, COMPOSER_CAP_MIN)
+    args.max_per_piece = per_piece if args.max_per_piece is None else args.max_per_piece
+    args.composer_min = composer_min if args.composer_min is None else args.composer_min
     capped = {}
     if args.metadata:
         capped = composition_cap(files, read_metadata(args.metadata), roots, args.max_per_piece, args.composer_min)
