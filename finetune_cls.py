@@ -195,24 +195,17 @@ def stratified_split(names, labels, valid_frac=0.1, test_frac=0.1):
 
 def balanced_subset(labels, n, seed):
     """Indices of a class-balanced subset of n items (paper §4.1 "class-balanced subsets"): each
-    class's items shuffled by (seed, class), then taken round-robin over the classes (in an order
-    shuffled by seed, which decides who gets the remainder) until n are taken. Class counts differ
-    by at most one, unless a class runs out (then the others fill up). Sorted."""
-    classes = sorted(set(labels))
-    rng = np.random.default_rng([seed, 1])
-    order = [classes[i] for i in rng.permutation(len(classes))]
-    pools = {}
-    for c in classes:
-        idx = [i for i, l in enumerate(labels) if l == c]
-        h = int(hashlib.sha1(str(c).encode()).hexdigest()[:8], 16)
-        pools[c] = [idx[j] for j in np.random.default_rng([seed, 2, h]).permutation(len(idx))]
-    chosen, depth = [], 0
-    n = min(n, len(labels))
+    class's items in an order drawn by seed, taken round-robin over the classes (in an order drawn
+    by seed, which decides who gets the remainder) until n are taken. Class counts differ by at
+    most one, unless a class runs out (then the others fill up). Sorted."""
+    rng = np.random.default_rng(seed)
+    pools = [list(rng.permutation([i for i, l in enumerate(labels) if l == c])) for c in sorted(set(labels))]
+    pools = [pools[k] for k in rng.permutation(len(pools))]
+    chosen, n = [], min(n, len(labels))
     while len(chosen) < n:
-        for c in order:
-            if depth < len(pools[c]) and len(chosen) < n:
-                chosen.append(pools[c][depth])
-        depth += 1
+        for pool in pools:
+            if pool and len(chosen) < n:
+                chosen.append(int(pool.pop()))
     return sorted(chosen)
 
 
@@ -367,21 +360,15 @@ def metrics(y_true, y_pred, classes):
     precision/recall/F1/support, and the confusion matrix (rows: true class, columns: predicted)."""
     C = len(classes)
     conf = np.zeros((C, C), dtype=np.int64)
-    for t, p in zip(y_true, y_pred):
-        conf[t, p] += 1
-    per_class, f1s = {}, []
-    for c, name in enumerate(classes):
-        tp, pred, true = conf[c, c], conf[:, c].sum(), conf[c].sum()
-        prec = tp / pred if pred else 0.0
-        rec = tp / true if true else 0.0
-        f1 = 2 * prec * rec / (prec + rec) if prec + rec else 0.0
-        per_class[name] = {"precision": round(float(prec), 4), "recall": round(float(rec), 4),
-                           "f1": round(float(f1), 4), "support": int(true)}
-        if pred or true:
-            f1s.append(f1)
-    n = int(conf.sum())
+    np.add.at(conf, (np.asarray(y_true, dtype=int), np.asarray(y_pred, dtype=int)), 1)
+    tp, pred, true = np.diag(conf), conf.sum(0), conf.sum(1)
+    prec, rec = tp / np.maximum(pred, 1), tp / np.maximum(true, 1)
+    f1 = np.where(prec + rec > 0, 2 * prec * rec / np.maximum(prec + rec, 1e-12), 0.0)
+    per_class = {c: {"precision": round(float(prec[k]), 4), "recall": round(float(rec[k]), 4),
+                     "f1": round(float(f1[k]), 4), "support": int(true[k])} for k, c in enumerate(classes)}
+    n, present = int(conf.sum()), (pred + true) > 0
     return {"accuracy": round(float(np.trace(conf) / n), 4) if n else 0.0,
-            "macro_f1": round(float(np.mean(f1s)), 4) if f1s else 0.0,
+            "macro_f1": round(float(f1[present].mean()), 4) if present.any() else 0.0,
             "n_files": n, "per_class": per_class, "confusion": conf.tolist()}
 
 
@@ -498,7 +485,8 @@ def train(args):
     if not files[select]:
         raise Fail(f"{args.labels}: no readable valid or test files to evaluate on")
     eval_sets = {s: files[s] for s in ("valid", "test") if files[s]}
-    if args.resume and M.load_checkpoint(out / "ckpt.pt").get("args", {}).get("classes") != classes:
+    ckpt = M.load_checkpoint(out / "ckpt.pt") if args.resume else None
+    if ckpt and ckpt.get("args", {}).get("classes") != classes:
         raise Fail(f"{args.labels}: its classes differ from those of the run in {out}")
     args.classes = classes  # saved in every checkpoint (vars(args)): --predict needs the names
 
@@ -525,8 +513,7 @@ def train(args):
     # optimizer; --resume restores weights, optimizer moments, step and RNG (dropout masks included)
     opt = M.configure_optimizer(model, args.lr, args.weight_decay, device_type=device.type)
     step, history = 0, []  # history: one results.json entry per evaluated epoch
-    if args.resume:
-        ckpt = M.load_checkpoint(out / "ckpt.pt")
+    if ckpt:
         model.load_state_dict(ckpt["model"])
         opt.load_state_dict(ckpt["optimizer"])
         step = ckpt["step"]

@@ -25,6 +25,7 @@ from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
@@ -277,11 +278,6 @@ class Aria(nn.Module):
             layer.kv_cache = KVCache((batch_size, cfg.n_heads, L, cfg.d_model // cfg.n_heads),
                                      dtype or w.dtype, device or w.device)
 
-    def clear_cache(self):
-        for layer in self.model.encode_layers:
-            layer.kv_cache = None
-
-
 # -----------------------------------------------------------------------------
 # checkpoints: our own .pt files, official safetensors, folders
 
@@ -474,7 +470,6 @@ def export_safetensors(model, path, dtype=None):
 
 def setup_distributed(device="auto"):
     """-> (rank, world_size, device). Under torchrun: NCCL on CUDA, gloo on CPU."""
-    import torch.distributed as dist
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
     if "RANK" not in os.environ:
@@ -489,11 +484,9 @@ def setup_distributed(device="auto"):
 
 
 def autocast_dtype(name, device) -> torch.dtype | None:
-    """--dtype -> the autocast dtype, None for float32. auto: bfloat16 on CUDA (the paper's
-    H100 runs), float32 elsewhere. bfloat16 on CPU is CPU autocast: what CUDA will do, on CPU."""
-    if name == "auto":
-        return torch.bfloat16 if torch.device(device).type == "cuda" else None
-    return {"float32": None, "bfloat16": torch.bfloat16}[name]
+    """--dtype -> the autocast dtype, None for float32. auto: bfloat16 on CUDA (the paper's H100 runs),
+    float32 elsewhere. bfloat16 on CPU is CPU autocast: what CUDA will do, on CPU."""
+    return torch.bfloat16 if name == "bfloat16" or (name == "auto" and torch.device(device).type == "cuda") else None
 
 
 def configure_optimizer(model, lr=3e-4, weight_decay=0.1, betas=(0.9, 0.95), eps=1e-5, device_type="cpu"):

@@ -156,7 +156,8 @@ def test_kv_cache_right_padded_batch():
         out = m(tok, input_pos=pos[:, None])
         close(out[:, 0], full[torch.arange(3), pos])
         pos = pos + 1
-    m.clear_cache()
+    for layer in m.model.encode_layers:
+        layer.kv_cache = None
     with pytest.raises(RuntimeError, match="setup_cache"):
         m(tok, input_pos=pos[:, None])
 

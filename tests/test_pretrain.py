@@ -243,3 +243,18 @@ def test_grad_clip_and_no_augment_have_effects(synth, tmp_path):
     assert moved["free"] > 0 and moved["clip"] < 0.01 * moved["free"]
     assert losses(tmp_path / "free")[1] == losses(tmp_path / "clip")[1]  # same batch, same forward
     assert losses(tmp_path / "plain")[1] != losses(tmp_path / "free")[1]  # augmentation changes the batch
+
+
+@pytest.mark.parametrize("script", ["pretrain.py", "finetune_gen.py", "finetune_contrastive.py", "finetune_cls.py",
+                                    "sample.py", "embed.py", "prepare.py", "reproduce.py"])
+def test_help_lists_every_option_with_its_default(script):
+    text = run(script, "--help").stdout.split("options:")[1]
+    blocks = {}  # option -> its help text
+    for line in text.splitlines():
+        if line.startswith("  -"):
+            opt = line.split()[0].rstrip(",")
+            blocks[opt] = line
+        elif blocks:
+            blocks[opt] += " " + line.strip()
+    assert len(blocks) > 5
+    assert all("default" in h for opt, h in blocks.items() if opt != "-h"), [o for o, h in blocks.items() if "default" not in h]
