@@ -472,6 +472,8 @@ def setup_distributed(device="auto"):
     """-> (rank, world_size, device). Under torchrun: NCCL on CUDA, gloo on CPU."""
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
+    if device.startswith("cuda") and not torch.cuda.is_available() or device == "mps" and not torch.backends.mps.is_available():
+        raise SystemExit(f"--device {device}: not available on this machine")  # one line, exit status 1
     if "RANK" not in os.environ:
         return 0, 1, torch.device(device)
     rank, world, local = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ.get("LOCAL_RANK", 0))

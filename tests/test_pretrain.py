@@ -258,3 +258,9 @@ def test_help_lists_every_option_with_its_default(script):
             blocks[opt] += " " + line.strip()
     assert len(blocks) > 5
     assert all("default" in h for opt, h in blocks.items() if opt != "-h"), [o for o, h in blocks.items() if "default" not in h]
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on a machine without CUDA")
+def test_device_cuda_without_cuda_is_one_line(synth, tmp_path):
+    r = run("pretrain.py", "--data", synth, "--out", tmp_path / "o", "--device", "cuda", ok=False)
+    assert r.returncode == 1 and r.stderr.strip() == "--device cuda: not available on this machine"
