@@ -62,8 +62,8 @@ SCALES = {
     "small": dict(preset="small", seq_len=2048, batch=16, pretrain_iters=3000, lr=3e-4, warmup=300,
                   ctr=dict(max_iters=600, batch_size=32, lr=3e-5, max_len=1024, min_notes=100, max_notes=330),
                   emb=dict(notes_per_chunk=300, max_len=1024, max_chunks=0),
-                  cls=dict(slice_len=1024, batch_size=16, lr=3e-5, epochs=10, max_iters=0),
-                  n_train=[100, 200], seeds=3),
+                  cls=dict(slice_len=1024, batch_size=16, lr=3e-5, epochs=10, max_iters=300),
+                  n_train=[100], seeds=3),
     "medium": dict(preset="medium", seq_len=8192, batch=16, pretrain_iters=0, lr=3e-4, warmup=1000,  # 0: 75 epochs
                    ctr=dict(max_iters=0, batch_size=16, lr=1e-5, max_len=2048, min_notes=100, max_notes=650),
                    emb=dict(notes_per_chunk=300, max_len=2048, max_chunks=0),
