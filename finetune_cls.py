@@ -372,12 +372,6 @@ def metrics(y_true, y_pred, classes):
             "n_files": n, "per_class": per_class, "confusion": conf.tolist()}
 
 
-def format_metrics(name, m, classes):
-    """One line per split; per-class precision/recall and the confusion matrix are in results.json."""
-    f1 = ", ".join(f"{c} {m['per_class'][c]['f1']:.2f}" for c in classes)
-    return f"  {name}: accuracy {m['accuracy']:.4f} | macro-F1 {m['macro_f1']:.4f} | {m['n_files']} files | F1: {f1}"
-
-
 def _write_json(path, obj):
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(json.dumps(obj, indent=1) + "\n")
@@ -543,8 +537,8 @@ def train(args):
         history[:] = [e for e in history if e["step"] != step] + [entry]
         best = max(history, key=by_selection)
         say(f"epoch {entry['epoch']:g} (step {step})")
-        for name in eval_sets:
-            say(format_metrics(name, entry[name], classes))
+        for name, m in ((k, entry[k]) for k in eval_sets):  # per class and confusion: results.json
+            say(f"  {name}: accuracy {m['accuracy']:.4f} | macro-F1 {m['macro_f1']:.4f} | {m['n_files']} files")
         if master:
             _write_json(out / "results.json", {
                 "classes": classes, "files": counts, "split": "csv" if has_split else "stratified",

@@ -18,7 +18,6 @@ the training scripts call in one line: each script carries its own training loop
 """
 import json
 import os
-import re
 import sys
 import warnings
 from dataclasses import asdict, dataclass, fields, replace
@@ -286,20 +285,12 @@ class CheckpointError(Exception):
     """A checkpoint could not be found, read, or does not fit the model."""
 
 
-_KEY_RE = re.compile(
-    r"model\.(tok_embeddings\.weight|out_layer_norm\.(weight|bias)|encode_layers\.\d+\."
-    r"(mixed_qkv|att_proj_linear|ff_gate_proj|ff_up_proj|ff_down_proj)\.weight|"
-    r"encode_layers\.\d+\.norm[12]\.(weight|bias))|(lm_head|emb_head|class_head|embedding_adapter)\.weight")
-
-
 def _normalize_keys(sd: dict) -> dict:
-    # compiled models add `_orig_mod.`; accelerate/DDP wrappers add one leading
-    # component (official convert_cp_from_safetensors strips it, SPEC B)
+    # compiled models add `_orig_mod.`; DDP/accelerate wrappers add one leading component
+    # (official convert_cp_from_safetensors strips it, SPEC B)
     sd = {k.replace("_orig_mod.", ""): v for k, v in sd.items()}
-    if not all(_KEY_RE.fullmatch(k) for k in sd):
-        stripped = {k.split(".", 1)[-1]: v for k, v in sd.items()}
-        if all(_KEY_RE.fullmatch(k) for k in stripped):
-            return stripped
+    if "model.tok_embeddings.weight" not in sd and any(k.endswith(".model.tok_embeddings.weight") for k in sd):
+        sd = {k.split(".", 1)[-1]: v for k, v in sd.items()}
     return sd
 
 

@@ -112,9 +112,8 @@ def test_learns_reports_and_predicts(toy, tmp_path):
     assert best["test"] == next(e["test"] for e in res["epochs"] if e["step"] == best["step"])
     loss = losses(out)
     assert np.mean([loss[s] for s in range(1, 6)]) - np.mean([loss[s] for s in range(5 * spe - 4, 5 * spe + 1)]) > 0.3
-    # stdout has the per-epoch report: accuracy, macro-F1 and per-class F1 of each split
+    # stdout has the per-epoch report: accuracy and macro-F1 of each split
     assert r.stdout.count("  valid: accuracy") == 5 and r.stdout.count("  test: accuracy") == 5
-    assert r.stdout.count("F1: high ") == 10
     assert "best epoch" in r.stdout
     # the checkpoint carries the class names; --predict uses best.pt
     ckpt = torch.load(out / "ckpt.pt", weights_only=True)
