@@ -550,7 +550,8 @@ def resume_args(args, parser, argv=None):
     ckpt_path = Path(args.out) / "ckpt.pt"
     if not ckpt_path.is_file():
         raise CheckpointError(f"{ckpt_path}: nothing to resume (no checkpoint in {args.out})")
-    saved = torch.load(ckpt_path, map_location="cpu", weights_only=True).get("args", {})
+    # mmap: only the settings are read, not gigabytes of weights and optimizer moments
+    saved = torch.load(ckpt_path, map_location="cpu", weights_only=True, mmap=True).get("args", {})
     argv = sys.argv[1:] if argv is None else argv
     typed = {a.dest for a in parser._actions for s in a.option_strings
              if any(x == s or x.startswith(s + "=") for x in argv)}

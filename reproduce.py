@@ -150,7 +150,7 @@ def finished_training(out):
     """A training stage is finished when its checkpoint has reached its max_iters."""
     def check():
         try:
-            ckpt = torch.load(Path(out) / "ckpt.pt", map_location="cpu", weights_only=True)
+            ckpt = torch.load(Path(out) / "ckpt.pt", map_location="cpu", weights_only=True, mmap=True)
         except (OSError, RuntimeError):
             return False
         return ckpt.get("step") == ckpt.get("args", {}).get("max_iters")
