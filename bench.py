@@ -141,7 +141,7 @@ def bench_sample(args):
     print(f"copy bandwidth {bw / 1e9:.1f} GB/s ({'1 GiB' if gpu else '256 MiB'} copy_, read + write) -> "
           f"floor {floor * 1e3:.3f} ms/step (every weight read once per step)")
     print(f"{args.tokens} new tokens per row after a 2-token prompt")
-    print(f"{'batch':>5s} {'ms/step':>9s} {'new tokens/s':>13s} {'per row':>9s} {'first token':>12s} "
+    print(f"{'batch':>5s} {'ms/step':>9s} {'new tokens/s':>13s} {'per row':>9s} {'first token':>14s} "
           f"{'share of floor':>15s}")
     prompt = [T.INSTRUMENT_PREFIX_ID["piano"], T.BOS_ID]
     for B in batches:
@@ -151,7 +151,7 @@ def bench_sample(args):
         S.generate(model, prompt, seed=0, stats=cold, **run)  # the first run of this shape: compiles, captures
         S.generate(model, prompt, seed=1, stats=warm, **run)
         step = warm["step_s"]
-        print(f"{B:5d} {step * 1e3:9.3f} {B / step:13.1f} {1 / step:9.1f} {cold['first_token_s']:10.2f} s "
+        print(f"{B:5d} {step * 1e3:9.3f} {B / step:13.1f} {1 / step:9.1f} {cold['first_token_s'] * 1e3:11.1f} ms "
               f"{100 * floor / step:14.1f}%")
 
 

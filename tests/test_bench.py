@@ -39,7 +39,7 @@ def test_bench_sample():
     out = bench("sample", "--device", "cpu", "--preset", "tiny", "--tokens", "16", "--batch", "1,2", "--threads", "1")
     bw = re.search(r"copy bandwidth " + NUMBER + r" GB/s .* floor " + NUMBER + " ms/step", out)
     assert bw and min(numbers(bw.group(0))) > 0, out
-    rows = re.findall(r"^\s*(\d+)\s+" + r"\s+".join([NUMBER] * 4) + r" s\s+" + NUMBER + "%$", out, re.M)
+    rows = re.findall(r"^\s*(\d+)\s+" + r"\s+".join([NUMBER] * 4) + r" ms\s+" + NUMBER + "%$", out, re.M)
     assert [int(r[0]) for r in rows] == [1, 2], out  # batch, ms/step, tokens/s, per row, first token, share
     assert all(float(x) > 0 for r in rows for x in r[1:]), out
 

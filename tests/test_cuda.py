@@ -88,7 +88,7 @@ def test_bench_sample_on_the_gpu():
                        capture_output=True, text=True, env=env, cwd=ROOT, timeout=600)
     assert r.returncode == 0, r.stderr
     rows = {int(m[0]): [float(x) for x in m[1:]]
-            for m in re.findall(r"^\s*(\d+)\s+([\d.]+)\s+([\d.]+)\s+([\d.]+)\s+([\d.]+) s\s+([\d.]+)%", r.stdout, re.M)}
+            for m in re.findall(r"^\s*(\d+)\s+([\d.]+)\s+([\d.]+)\s+([\d.]+)\s+([\d.]+) ms\s+([\d.]+)%", r.stdout, re.M)}
     assert sorted(rows) == [1, 8] and all(x > 0 for row in rows.values() for x in row), r.stdout
 
 
