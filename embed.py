@@ -205,20 +205,10 @@ def global_embedding(model, path, **kw):
     return arr[0]
 
 
-def write_atomic(path, write):
-    """write(f) into a temporary file, then rename it: a crash leaves the old file or the new one."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        write(f)
-    os.replace(tmp, path)
-
-
 def save_embeddings(path, emb, files):
     path = Path(path)
-    write_atomic(path, lambda f: np.save(f, emb))
-    write_atomic(path.with_suffix(".files.txt"), lambda f: f.write("".join(x + "\n" for x in files).encode()))
+    M.atomic_write(path, lambda f: np.save(f, emb))
+    M.atomic_write(path.with_suffix(".files.txt"), lambda f: f.write("".join(x + "\n" for x in files).encode()))
 
 
 def load_embeddings(path):
@@ -511,7 +501,7 @@ def run(args):
         print(format_probe(res) + (f"\n({res['skipped']} labelled files could not be embedded)" if res["skipped"] else ""))
         if args.probe_out:
             res["settings"] = {o: getattr(args, o) for o in ("probe_lr", "probe_batch_size", "probe_weight_decay", "seed")}
-            write_atomic(args.probe_out, lambda f: f.write((json.dumps(res, indent=1) + "\n").encode()))
+            M.atomic_write(args.probe_out, lambda f: f.write((json.dumps(res, indent=1) + "\n").encode()))
 
     if args.map:
         groups = [labels[os.path.realpath(f)][0] if os.path.realpath(f) in labels else Path(f).parent.name for f in ok]

@@ -11,18 +11,14 @@ Supervised classifier finetuning of Aria (paper §4.1 "Supervised finetuning", T
     python finetune_cls.py --ckpt out/cls --predict a.mid b.mid   # "a.mid<TAB>label<TAB>probability"
 
 labels.csv has a path column (relative to the CSV's folder or absolute), a label column and
-optionally a split column (train / valid / test); without one, a deterministic stratified split
-is made. The class list is the sorted set of labels. Every file is tokenized once up front
-(no <D>) and cut into slices of at most --slice_len tokens, each `prefix <S> ... <E>`; a training
-sample is one slice with its file's label, and the loss is cross-entropy of the class head at the
-slice's <E>. A file's prediction is the official rule: softmax at each slice's <E>, weighted by
-the slice's length, summed (SPEC §C.4). All weights train end to end (lr 1e-5, no warmup, linear
-decay, residual dropout 0 -> 0.2 over the layers); every epoch the valid (else test) split is
-evaluated, and results.json reports the test metrics at the best valid epoch (paper: best epoch).
-Which slices a step sees is a function of (seed, step) only, as in pretrain.py, so --resume needs
-no loader state and the global batch does not depend on the number of processes. The model runs
-under bf16 autocast on CUDA (--dtype); the loss, the softmaxes and the slice aggregation are float32
-(float64) outside it. The training loop is pretrain.py's plus one evaluation per epoch.
+optionally a split column (train / valid / test; without one, a deterministic stratified split).
+Every file is tokenized once and cut into slices `prefix <S> ... <E>` of at most --slice_len
+tokens; a training sample is one slice with its file's label, the loss the cross-entropy of the
+class head at the slice's <E>, and a file's prediction the official rule: the softmaxes at its
+slices' <E>, weighted by slice length, summed (SPEC §C.4). All weights train end to end; after
+every epoch valid (else test) is evaluated, and results.json reports the best valid epoch (paper
+§4.1). The loop is pretrain.py's plus that evaluation; the loss, softmaxes and aggregation run in
+float32 outside autocast.
 """
 import argparse
 import contextlib
@@ -66,19 +62,16 @@ def get_args(argv=None):
     ap.add_argument("--labels", default=None, help="CSV with a path, a label and optionally a split column (required to train)")
     ap.add_argument("--path_col", default="path", help="CSV column of the MIDI paths (relative to the CSV's folder or absolute)")
     ap.add_argument("--label_col", default="label", help="CSV column of the labels (Pianist8: pianist)")
-    ap.add_argument("--split_col", default="split",
-                    help="CSV column of train/valid/test (Pianist8: split_midibert); when the default column is "
-                         "absent, a deterministic stratified split is made (--valid_frac, --test_frac)")
+    ap.add_argument("--split_col", default="split", help="CSV column of train/valid/test (Pianist8: split_midibert); "
+                    "if the default column is absent: a stratified split (--valid_frac, --test_frac)")
     ap.add_argument("--valid_frac", type=float, default=0.1, help="valid share per class when there is no split column (our choice)")
     ap.add_argument("--test_frac", type=float, default=0.1, help="test share per class when there is no split column (our choice)")
-    ap.add_argument("--init", default=None,
-                    help="pretrained checkpoint: official .safetensors, our .pt, or a folder; omitted or none = "
-                         "random init of --preset (the from-scratch comparison, paper Table 2 †)")
+    ap.add_argument("--init", default=None, help="pretrained checkpoint: a file (official .safetensors or ours) or a "
+                    "folder; none: random init of --preset (from scratch, paper Table 2 †)")
     ap.add_argument("--preset", default="tiny", choices=list(M.PRESETS), help="model size for --init none (as pretrain.py)")
     ap.add_argument("--slice_len", type=int, default=1024, help="tokens per slice at most (SPEC §C.4: seq[:1024])")
     ap.add_argument("--n_train", type=int, default=None,
-                    help="class-balanced subset of this many training files, drawn by --seed (paper §4.1, Table 2 "
-                         "n=100..1000); default: all")
+                    help="class-balanced subset of this many training files, drawn by --seed (paper §4.1, Table 2)")
     ap.add_argument("--resid_dropout", type=float, default=0.2,
                     help="residual dropout at the last layer, rising linearly from 0 at the first (paper §4.1)")
     ap.add_argument("--reinit_eos", type=int, default=1,
@@ -108,8 +101,7 @@ def get_args(argv=None):
     ap.add_argument("--workers", type=int, default=2, help="data loader worker processes")
     ap.add_argument("--device", default="auto", help="cpu, cuda, mps or auto")
     ap.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"],
-                    help="autocast dtype of the model's forward/backward (loss and aggregation stay float32); "
-                         "auto: bfloat16 on CUDA, float32 elsewhere")
+                    help="autocast dtype of the model (loss and aggregation: float32); auto: bfloat16 on CUDA only")
     ap.add_argument("--compile", type=int, default=1, help="torch.compile the model on CUDA (1/0)")
     ap.add_argument("--seed", type=int, default=0, help="model/head init, data order, --n_train subset and augmentation")
     ap.add_argument("--resume", action="store_true", help="continue from OUT/ckpt.pt with its saved settings")
@@ -124,9 +116,8 @@ def get_args(argv=None):
 
 def read_labels(csv_path, path_col="path", label_col="label", split_col="split", split_required=False,
                 valid_frac=0.1, test_frac=0.1):
-    """-> (rows, classes, has_split). rows: (path resolved against the CSV's folder, label, split,
-    path as written); without a split column, stratified_split decides. classes: sorted labels.
-    Raises Fail with one line on anything malformed."""
+    """-> (rows (full path, label, split, path as written), sorted classes, has_split). Without a
+    split column, stratified_split decides. Raises Fail with one line on anything malformed."""
     p = Path(csv_path)
     if not p.is_file():
         raise Fail(f"{p}: no such labels file")
@@ -146,9 +137,9 @@ def read_labels(csv_path, path_col="path", label_col="label", split_col="split",
     has_split = split_col in cols
     if not raw:
         raise Fail(f"{p}: no rows")
-    rows, seen, missing = [], set(), []
+    rows, seen = [], set()
     for line, r in enumerate(raw, start=2):
-        path, label = (r.get(path_col) or "").strip(), (r.get(label_col) or "").strip()
+        path, label = ((r.get(c) or "").strip() for c in (path_col, label_col))
         if not path or not label:
             raise Fail(f"{p}:{line}: empty {path_col if not path else label_col}")
         split = None
@@ -158,15 +149,12 @@ def read_labels(csv_path, path_col="path", label_col="label", split_col="split",
                 raise Fail(f"{p}:{line}: unknown split {name!r} in column {split_col!r} (expected train, valid or test)")
             split = SPLIT_ALIASES[name.lower()]
         full = Path(path) if Path(path).is_absolute() else p.parent / path
+        if not full.is_file():
+            raise Fail(f"{p}:{line}: {path}: no such file (paths are relative to {p.parent})")
         if str(full) in seen:
             raise Fail(f"{p}:{line}: {path} is listed twice")
         seen.add(str(full))
-        if not full.is_file():
-            missing.append(path)
         rows.append((str(full), label, split, path))
-    if missing:
-        raise Fail(f"{p}: {len(missing)} listed file(s) do not exist, e.g. {missing[0]} "
-                   f"(paths are relative to {p.parent})")
     classes = sorted({r[1] for r in rows})
     if len(classes) < 2:
         raise Fail(f"{p}: a single class ({classes[0]!r}) in column {label_col!r}; a classifier needs two or more")
@@ -199,14 +187,10 @@ def balanced_subset(labels, n, seed):
     by seed, which decides who gets the remainder) until n are taken. Class counts differ by at
     most one, unless a class runs out (then the others fill up). Sorted."""
     rng = np.random.default_rng(seed)
-    pools = [list(rng.permutation([i for i, l in enumerate(labels) if l == c])) for c in sorted(set(labels))]
-    pools = [pools[k] for k in rng.permutation(len(pools))]
-    chosen, n = [], min(n, len(labels))
-    while len(chosen) < n:
-        for pool in pools:
-            if pool and len(chosen) < n:
-                chosen.append(int(pool.pop()))
-    return sorted(chosen)
+    pools = [rng.permutation([i for i, l in enumerate(labels) if l == c])[::-1] for c in sorted(set(labels))]
+    order = rng.permutation(len(pools))  # round r takes item j of every pool: sort by (j, r)
+    queue = sorted((j, r, int(i)) for r, k in enumerate(order) for j, i in enumerate(pools[k]))
+    return sorted(i for _, _, i in queue[:n])
 
 
 # -----------------------------------------------------------------------------
@@ -214,11 +198,9 @@ def balanced_subset(labels, n, seed):
 
 
 def make_slices(ids, slice_len):
-    """Cut a tokenized file `prefix <S> body [<E>]` into consecutive slices `prefix <S> part <E>` of
-    at most slice_len tokens. The official data (SPEC §C.4/C.5) tokenizes note chunks separately,
-    so each slice has its own prefix and <S>; we cut the file's tokens instead (tokenize once) and
-    repeat prefix <S> on every slice. Cuts fall before a note, drum or <T> token, never inside an
-    event, and the parts get about equal lengths (no short stub at the end of a file)."""
+    """Cut a tokenized file `prefix <S> body [<E>]` into slices `prefix <S> part <E>` of at most
+    slice_len tokens, as the official data has a prefix and <S> per note chunk (SPEC §C.4/C.5). Cuts
+    fall before a note, drum or <T> token, and parts have about equal lengths (no short stub)."""
     ids = np.asarray(ids)
     bos = int(np.flatnonzero(ids == T.BOS_ID)[0])
     head, body = ids[:bos + 1], ids[bos + 1:]
@@ -265,10 +247,9 @@ def tokenize_all(paths, slice_len, world=1):
 
 
 class SliceSet(torch.utils.data.Dataset):
-    """Sample g -> (ids (L,) right-padded with <P>, position of <E>, label). An epoch is
-    steps_per_epoch * per_step samples: the slices in the order perm(seed, epoch), wrapping round to
-    fill the last step, so epochs end exactly at step boundaries; g -> (epoch g // len, perm[g % len])
-    as in pretrain.py, and augmentation (if on) is seeded by (seed, g)."""
+    """Sample g -> (ids (L,) right-padded with <P>, position of <E>, label). An epoch is the slices in
+    the order perm(seed, epoch), wrapped round to fill its last step (epochs end at step boundaries);
+    as in pretrain.py, g -> (epoch g // len, perm[g % len]), augmentation seeded by (seed, g)."""
 
     def __init__(self, slices, labels, per_step, seed, augment):
         self.slices, self.labels, self.seed, self.augment = slices, labels, seed, augment
@@ -295,18 +276,13 @@ class SliceSet(torch.utils.data.Dataset):
         return torch.from_numpy(T.fit_length(x, self.width)), eos, self.labels[k]
 
 
-def trimmed(ids, eos, multiple=64):
-    # causal attention: nothing after the last <E> of the batch can change the outputs we read,
-    # so drop it; rounded up to a multiple of 64 to keep the number of shapes (compile) small
-    n = min(ids.shape[1], -(-(int(eos.max()) + 1) // multiple) * multiple)
-    return ids[:, :n]
-
-
 def cls_loss(model, batch, autocast=contextlib.nullcontext()):
     """Cross-entropy of the class head at each slice's <E> (SPEC §C.4) -> (loss, non-pad tokens).
     The model runs under `autocast`; the loss is float32, outside it."""
     ids, eos, y = batch
-    ids = trimmed(ids, eos)
+    # causal attention: nothing after the batch's last <E> changes the outputs read, so it is cut;
+    # the length rounded up to a multiple of 64 keeps the number of shapes (compile) small
+    ids = ids[:, :min(ids.shape[1], -(-(int(eos.max()) + 1) // 64) * 64)]
     with autocast:
         logits = model(ids, out_pos=eos)  # (B, C)
     return F.cross_entropy(logits.float(), y), int((ids != T.PAD_ID).sum())
@@ -316,20 +292,12 @@ def cls_loss(model, batch, autocast=contextlib.nullcontext()):
 # prediction, metrics
 
 
-def aggregate(slice_probs, lengths):
-    """The official file prediction (SPEC §C.4): the softmax at each slice's <E> (S, C), weighted
-    by the slice's count of non-pad tokens (S,), summed. Divided by the total weight, so it is a
-    distribution (the argmax is unchanged)."""
-    w = torch.as_tensor(lengths, dtype=torch.float64)
-    p = torch.as_tensor(slice_probs, dtype=torch.float64)
-    return (w[:, None] * p).sum(0) / w.sum()
-
-
 @torch.no_grad()
 def predict_files(model, files, device, batch_size=16, rank=0, world=1, autocast=contextlib.nullcontext()):
-    """files: list of lists of slices -> (n_files, C) float64 file probabilities. The model runs
-    under `autocast`, the softmax and aggregation in float32/float64 outside it. Under DDP each
-    rank does files rank, rank + world, ... and the results are summed across ranks."""
+    """files: list of lists of slices -> (n_files, C) float64 file probabilities by the official rule
+    (SPEC §C.4): the softmaxes at the slices' <E> weighted by slice length (non-pad tokens), summed.
+    The model runs under `autocast`, the softmax and aggregation in float32/float64 outside it.
+    Under DDP each rank does files rank, rank + world, ... and the results are summed across ranks."""
     model.eval()
     C = model.config.class_size
     mine = [(f, s) for f in range(rank, len(files), world) for s in files[f]]
@@ -346,8 +314,9 @@ def predict_files(model, files, device, batch_size=16, rank=0, world=1, autocast
         for (f, s), p in zip(chunk, probs):
             per_file.setdefault(f, []).append((p, len(s)))
     out = torch.zeros(len(files), C, dtype=torch.float64)
-    for f, ps in per_file.items():
-        out[f] = aggregate(torch.stack([p for p, _ in ps]), [n for _, n in ps])
+    for f, ps in per_file.items():  # divided by the total weight: a distribution, the same argmax
+        w = torch.tensor([n for _, n in ps], dtype=torch.float64)
+        out[f] = (w[:, None] * torch.stack([p for p, _ in ps])).sum(0) / w.sum()
     if world > 1:
         t = out.to(device, torch.float32)  # NCCL has no float64 on every build; probabilities need no more
         torch.distributed.all_reduce(t)
@@ -372,12 +341,6 @@ def metrics(y_true, y_pred, classes):
             "n_files": n, "per_class": per_class, "confusion": conf.tolist()}
 
 
-def _write_json(path, obj):
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=1) + "\n")
-    os.replace(tmp, path)
-
-
 # -----------------------------------------------------------------------------
 # predict mode
 
@@ -386,17 +349,14 @@ def predict_main(args):
     src = Path(args.ckpt or args.out)
     if src.is_dir() and (src / "best.pt").is_file():
         src = src / "best.pt"  # the best valid epoch, not the last one
-    ckpt = M.load_checkpoint(src)
-    classes = ckpt.get("classes") or ckpt.get("args", {}).get("classes")
-    slice_len = ckpt.get("slice_len") or ckpt.get("args", {}).get("slice_len") or 1024
+    saved = M.load_checkpoint(src).get("args", {})
+    classes, slice_len = saved.get("classes"), saved.get("slice_len", 1024)
     if not classes:
         raise Fail(f"{M.resolve_checkpoint(src)}: no class names inside (not written by finetune_cls.py)")
     _, _, device = M.setup_distributed(args.device)
     model = M.load_model(src, device=device, heads=("cls",))
     amp = M.autocast_dtype(args.dtype, device)
     autocast = torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None)
-    if model.config.class_size != len(classes):
-        raise Fail(f"{src}: class head has {model.config.class_size} outputs for {len(classes)} class names")
     failed = 0
     for path in args.predict:
         slices, err = tokenize_file(path, slice_len)
@@ -417,7 +377,7 @@ def predict_main(args):
 def build_model(args, n_classes, out):
     overrides = dict(class_size=n_classes, resid_dropout=args.resid_dropout, grad_checkpoint=args.grad_checkpoint)
     torch.manual_seed(args.seed)  # the fresh class head (and everything with --init none)
-    if args.resume:  # architecture (its weights are loaded by the loop) from our own checkpoint
+    if args.resume:  # our own checkpoint (the loop restores the optimizer, step and RNG)
         return M.load_model(Path(out) / "ckpt.pt", heads=("cls",), **overrides)
     if args.init in (None, "", "none"):
         cfg = M.PRESETS[args.preset]
@@ -508,14 +468,12 @@ def train(args):
     opt = M.configure_optimizer(model, args.lr, args.weight_decay, device_type=device.type)
     step, history = 0, []  # history: one results.json entry per evaluated epoch
     if ckpt:
-        model.load_state_dict(ckpt["model"])
         opt.load_state_dict(ckpt["optimizer"])
         step = ckpt["step"]
         torch.set_rng_state(ckpt["rng_cpu"])
         if device.type == "cuda" and "rng_cuda" in ckpt:
             torch.cuda.set_rng_state(ckpt["rng_cuda"], device)
-        if (out / "results.json").is_file():
-            history = [e for e in json.loads((out / "results.json").read_text())["epochs"] if e["step"] <= step]
+        history = ckpt["history"]
         say(f"resuming from {out / 'ckpt.pt'} at step {step}")
     raw = model  # what we save and evaluate: not compiled, not wrapped
     if device.type == "cuda" and args.compile:
@@ -540,23 +498,21 @@ def train(args):
         for name, m in ((k, entry[k]) for k in eval_sets):  # per class and confusion: results.json
             say(f"  {name}: accuracy {m['accuracy']:.4f} | macro-F1 {m['macro_f1']:.4f} | {m['n_files']} files")
         if master:
-            _write_json(out / "results.json", {
+            results = {
                 "classes": classes, "files": counts, "split": "csv" if has_split else "stratified",
                 "skipped": skipped, "train_slices": len(train_slices), "steps_per_epoch": spe, "selected_on": select,
                 "best": {"epoch": best["epoch"], "step": best["step"], **{k: best[k] for k in eval_sets}},
-                "max_over_epochs": {f"{s}_{k}": max(e[s][k] for e in history)
-                                    for s in eval_sets for k in ("accuracy", "macro_f1")},
-                "epochs": history, "args": vars(args)})
+                "epochs": history, "args": vars(args)}
+            M.atomic_write(out / "results.json", lambda f: f.write((json.dumps(results, indent=1) + "\n").encode()))
             if best is entry:
-                M.save_checkpoint(out / "best.pt", raw, classes=classes, slice_len=args.slice_len, step=step,
-                                  epoch=entry["epoch"], args=vars(args))
+                M.save_checkpoint(out / "best.pt", raw, step=step, epoch=entry["epoch"], args=vars(args))
         log({"step": step, "epoch": entry["epoch"],
              **{f"{s}_{k[:3] if k == 'accuracy' else 'f1'}": entry[s][k] for s in eval_sets for k in ("accuracy", "macro_f1")}})
 
     def save():
         if master:
             M.save_checkpoint(out / "ckpt.pt", raw, optimizer=opt.state_dict(), step=step, args=vars(args),
-                              rng_cpu=torch.get_rng_state(),
+                              history=history, rng_cpu=torch.get_rng_state(),
                               **({"rng_cuda": torch.cuda.get_rng_state(device)} if device.type == "cuda" else {}))
         if world > 1:
             torch.distributed.barrier()

@@ -12,9 +12,8 @@ SwiGLU FFN, final LayerNorm, untied heads. One trunk serves every use:
     cls      class_head         (B, T, C)      classifier logits, read at <E>
     adapter  embedding_adapter  E -> d         conditions the LM on an embedding
 
-Parameter names are the official ones, so official safetensors load unchanged
-(SPEC.md B: architecture; D.2: KV cache). Then checkpoint I/O, and the small helpers
-the training scripts call in one line: each script carries its own training loop.
+Parameter names are the official ones: official safetensors load unchanged (SPEC.md B, D.2).
+Then checkpoint I/O, and small helpers that each script's own training loop calls in one line.
 """
 import json
 import os
@@ -82,9 +81,8 @@ OUTPUT_HEADS = ("lm", "emb", "cls")  # preference order for the default head
 
 
 def rope(pos, head_dim):
-    """cos, sin of the RoPE angles at positions pos (T,) or (B, T) -> (..., T, Dh/2), float32.
-    Computed from the positions at every call (a few tiny kernels): nothing to keep in
-    float32 when the model is cast to bf16, and the same values as the official table."""
+    """cos, sin of the RoPE angles at positions pos (T,) or (B, T) -> (..., T, Dh/2), float32. Computed
+    at every call (a few tiny kernels): no float32 table to keep when the model is cast to bf16."""
     inv_freq = 1.0 / (ROPE_THETA ** (torch.arange(0, head_dim, 2, device=pos.device).float() / head_dim))
     angle = pos.float()[..., None] * inv_freq
     return angle.cos(), angle.sin()
@@ -198,13 +196,10 @@ class Transformer(nn.Module):
 
 
 class Aria(nn.Module):
-    """Trunk `self.model` plus any of lm_head / emb_head / class_head /
-    embedding_adapter. `heads` lists kinds from HEAD_ATTRS; the first output head
-    is the default one returned by forward. heads=None picks one from the config:
-    cls if class_size, else emb if emb_size, else lm. The official classes are
-    Aria(cfg, ("lm",)), ("emb",), ("cls",), and ("lm", "adapter") for LM_CND. To finetune
-    a pretrained LM with a new head: load_model(path, heads=("emb",), emb_size=512).
-    emb_head and embedding_adapter share config.emb_size, as officially."""
+    """Trunk `self.model` plus any of lm_head / emb_head / class_head / embedding_adapter.
+    `heads` lists kinds from HEAD_ATTRS; the first output head is forward's default; None picks
+    cls if class_size, else emb if emb_size, else lm. The official classes are ("lm",), ("emb",),
+    ("cls",), and ("lm", "adapter") for LM_CND; emb_head and the adapter share emb_size."""
 
     def __init__(self, config: ModelConfig, heads=None):
         super().__init__()
@@ -314,10 +309,7 @@ def load_checkpoint(path, map_location="cpu") -> dict:
     """Read a checkpoint file into a dict with at least "model" (a state dict).
     .pt files are read with torch.load(weights_only=True) only: no pickled code."""
     p = resolve_checkpoint(path)
-    with open(p, "rb") as f:
-        head = f.read(9)
-    n = int.from_bytes(head[:8], "little") if len(head) == 9 else 0
-    if head[8:9] == b"{" and 0 < n < p.stat().st_size:  # safetensors: u64 header size + JSON
+    if p.suffix == ".safetensors":
         try:
             from safetensors.torch import load_file
         except ImportError:
@@ -326,8 +318,6 @@ def load_checkpoint(path, map_location="cpu") -> dict:
             return {"model": load_file(str(p), device=str(map_location))}
         except Exception as e:
             raise CheckpointError(f"{p}: not a readable safetensors file ({e})") from None
-    if head[:4] != b"PK\x03\x04" and head[:1] != b"\x80":  # torch.save zip / legacy pickle
-        raise CheckpointError(f"{p}: not a checkpoint (neither safetensors nor a torch.save file)")
     try:
         ckpt = torch.load(p, map_location=map_location, weights_only=True)
     except Exception as e:
@@ -415,7 +405,10 @@ def load_model(path, device="cpu", dtype=torch.float32, strict=True, heads=None,
     return model.to(device=device, dtype=dtype).eval()
 
 
-def _atomic_write(path: Path, write):
+def atomic_write(path, write):
+    """write(f) into PATH.tmp, then rename it over PATH."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
     with open(tmp, "wb") as f:
         write(f)
@@ -428,14 +421,11 @@ def save_checkpoint(path, model, **extra):
     """torch.save a plain dict {model, config, heads, vocab_hash, **extra} atomically.
     extra: optimizer state dict, step, rng tensors, vars(args), ..."""
     m = getattr(model, "module", model)  # DDP's; a compiled model passes attributes through
-    clash = {"model", "config", "heads", "vocab_hash"} & set(extra)
-    if clash:
-        raise ValueError(f"reserved checkpoint keys: {sorted(clash)}")
+    if {"model", "config", "heads", "vocab_hash"} & set(extra):
+        raise ValueError(f"reserved checkpoint keys in {sorted(extra)}")
     ckpt = {"model": {k.replace("_orig_mod.", ""): v for k, v in m.state_dict().items()},
             "config": asdict(m.config), "heads": list(m.heads), "vocab_hash": tokenizer.VOCAB_HASH, **extra}
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    _atomic_write(path, lambda f: torch.save(ckpt, f))
+    atomic_write(path, lambda f: torch.save(ckpt, f))
 
 
 def export_safetensors(model, path, dtype=None):
@@ -448,11 +438,10 @@ def export_safetensors(model, path, dtype=None):
     m, path = getattr(model, "module", model), Path(path)
     sd = {k.replace("_orig_mod.", ""): (v.to(dtype) if dtype else v).detach().cpu().contiguous().clone()
           for k, v in m.state_dict().items()}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    _atomic_write(path, lambda f: f.write(save(sd, metadata={"format": "pt"})))
+    atomic_write(path, lambda f: f.write(save(sd, metadata={"format": "pt"})))
     cfg = {k: v for k, v in asdict(m.config).items() if v is not None}
     json_bytes = (json.dumps(cfg, indent=1) + "\n").encode()
-    _atomic_write(path.with_suffix(".json"), lambda f: f.write(json_bytes))
+    atomic_write(path.with_suffix(".json"), lambda f: f.write(json_bytes))
 
 
 # -----------------------------------------------------------------------------
