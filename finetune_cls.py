@@ -473,7 +473,7 @@ def train(args):
         torch.set_rng_state(ckpt["rng_cpu"])
         if device.type == "cuda" and "rng_cuda" in ckpt:
             torch.cuda.set_rng_state(ckpt["rng_cuda"], device)
-        history = ckpt["history"]
+        history = ckpt.get("history", [])  # evaluated epochs up to this step
         say(f"resuming from {out / 'ckpt.pt'} at step {step}")
     raw = model  # what we save and evaluate: not compiled, not wrapped
     if device.type == "cuda" and args.compile:

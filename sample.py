@@ -569,7 +569,7 @@ def run(argv=None):
             stem = out / f"{name}_{i}"
             old, new, _ = split_notes(row, len(ids))
             midi = continuation_midi(row, len(ids)) if a.continuation_only else T.detokenize(row)
-            midi.save(f"{stem}.mid")
+            M.atomic_write(f"{stem}.mid", lambda f: midi.save(file=f))  # a crash never leaves half a file
             side = {
                 "midi": f"{stem}.mid", "prompt": a.prompt, "prompt_seconds": a.prompt_seconds if a.prompt else None,
                 "checkpoint": str(ckpt_path), "variation": i, "seed": a.seed,
@@ -581,7 +581,7 @@ def run(argv=None):
                 "settings": vars(a), "ids": row,
             }
             text = json.dumps({**side, "ids": None}, indent=1).replace('"ids": null', f'"ids": {json.dumps(row)}')
-            Path(f"{stem}.json").write_text(text + "\n")
+            M.atomic_write(f"{stem}.json", lambda f: f.write((text + "\n").encode()))
             written = [f"{stem}.mid", f"{stem}.json"]
             if a.plot and plot_roll(old, new, f"{stem}.png", f"{name} #{i} (seed {a.seed})"):
                 written.append(f"{stem}.png")
