@@ -45,14 +45,7 @@ def inproc(capsys, *args):
     return rc, out.out, out.err
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """In-process runs on one thread, as the CLI runs (OMP_NUM_THREADS=1): the probe's many tiny
-    steps run up to 40x slower with two threads on a busy 2-core machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -21,13 +21,7 @@ GOLDEN = SHARED / "aria" / "golden" / "model"
 ATOL = 1e-5
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # tiny matrices: OpenMP spin-waiting makes 2 threads far slower on a busy 2-core box
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def golden(name):

@@ -257,7 +257,7 @@ def test_help_lists_every_option_with_its_default(script):
         elif blocks:
             blocks[opt] += " " + line.strip()
     assert len(blocks) > 5
-    assert all("default" in h for opt, h in blocks.items() if opt != "-h"), [o for o, h in blocks.items() if "default" not in h]
+    assert all("(default:" in h for opt, h in blocks.items() if opt != "-h"), [o for o, h in blocks.items() if "(default:" not in h]
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on a machine without CUDA")

@@ -27,13 +27,7 @@ SCRATCH = [T.INSTRUMENT_PREFIX_ID["piano"], T.BOS_ID]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # tiny matrices: OpenMP spin-waiting makes 2 threads far slower on a busy 2-core box
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny_model(seed=0, max_seq_len=512):
