@@ -98,19 +98,24 @@ def apply_rope(x, cos, sin):
 
 
 class KVCache:
-    """Static (B, H, L, Dh) key/value buffers, written in place at given positions."""
+    """Static (B, H, L, Dh) key/value buffers, written in place, read only up to the filled length."""
 
     def __init__(self, shape, dtype, device):
         self.k = torch.zeros(shape, dtype=dtype, device=device)
         self.v = torch.zeros_like(self.k)
+        self.rows = torch.arange(shape[0], device=device)[:, None]  # (B, 1)
 
-    def update(self, pos, k, v):
-        # pos: (B, T); k, v: (B, H, T, Dh). scatter_ keeps shapes static (CUDA graphs)
-        # and lets every row write at its own positions.
-        idx = pos[:, None, :, None].expand(k.shape)
-        self.k.scatter_(2, idx, k.to(self.k.dtype))
-        self.v.scatter_(2, idx, v.to(self.v.dtype))
-        return self.k, self.v
+    def update(self, pos, k, v, kv_len):
+        """k, v: (B, H, T, Dh) written at pos, an int s (every row at s..s+T-1: a slice copy)
+        or a (B, T) tensor (each row at its own positions); -> the first kv_len slots of each.
+        Both writes stay in place under torch.compile (scatter_ would copy the whole cache)."""
+        if isinstance(pos, int):
+            self.k[:, :, pos:pos + k.shape[2]] = k
+            self.v[:, :, pos:pos + k.shape[2]] = v
+        else:  # index_put_ over (B, T) -> indexes (B, T, H, Dh)
+            self.k[self.rows, :, pos] = k.transpose(1, 2).to(self.k.dtype)
+            self.v[self.rows, :, pos] = v.transpose(1, 2).to(self.v.dtype)
+        return self.k[:, :, :kv_len], self.v[:, :, :kv_len]
 
 
 class Block(nn.Module):
@@ -132,7 +137,7 @@ class Block(nn.Module):
         self.dropout = nn.Dropout(cfg.resid_dropout * layer_idx / max(1, cfg.n_layers - 1))
         self.kv_cache: KVCache | None = None
 
-    def attention(self, x, cos, sin, pos=None, mask=None):
+    def attention(self, x, cos, sin, pos=None, kv_len=None, mask=None):
         B, T, C = x.shape
         q, k, v = self.mixed_qkv(x).chunk(3, dim=-1)  # 3 x (B, T, C), order q|k|v
         q = apply_rope(q.view(B, T, self.n_heads, self.head_dim), cos, sin)
@@ -142,13 +147,14 @@ class Block(nn.Module):
         if pos is None:
             # no padding/document mask, as in official training; flash kernel on CUDA
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
-        else:
-            k, v = self.kv_cache.update(pos, k, v)  # (B, H, L, Dh): the whole cache
-            y = F.scaled_dot_product_attention(q.to(k.dtype), k, v, attn_mask=mask).to(x.dtype)
+        else:  # attend over the filled cache: causal for a prefill from 0, no mask for one aligned token
+            k, v = self.kv_cache.update(pos, k, v, kv_len)  # (B, H, kv_len, Dh)
+            causal = isinstance(pos, int) and pos == 0 and T > 1
+            y = F.scaled_dot_product_attention(q.to(k.dtype), k, v, attn_mask=mask, is_causal=causal).to(x.dtype)
         return self.att_proj_linear(y.transpose(1, 2).reshape(B, T, C))
 
-    def forward(self, x, cos, sin, pos=None, mask=None):
-        x = x + self.dropout(self.attention(self.norm1(x), cos, sin, pos, mask))
+    def forward(self, x, cos, sin, pos=None, kv_len=None, mask=None):
+        x = x + self.dropout(self.attention(self.norm1(x), cos, sin, pos, kv_len, mask))
         h = self.norm2(x)
         return x + self.dropout(self.ff_down_proj(F.silu(self.ff_gate_proj(h)) * self.ff_up_proj(h)))
 
@@ -164,8 +170,14 @@ class Transformer(nn.Module):
         self.encode_layers = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layers))
         self.out_layer_norm = nn.LayerNorm(cfg.d_model)
 
-    def forward(self, h, input_pos=None):
-        # h: (B, T, d) input embeddings -> (B, T, d) after out_layer_norm
+    def forward(self, h, input_pos=None, kv_len=None):
+        """h: (B, T, d) input embeddings -> (B, T, d) after out_layer_norm. With a KV cache
+        (setup_cache), input_pos says where the T tokens go and attention reads only the filled
+        slots: an int s puts every row at s..s+T-1 and reads slots [0, s+T) (a prefill from 0 is
+        causal, one token needs no mask); a (T,) or (B, T) tensor puts each row at its own
+        positions and reads slots [0, kv_len) (default: all) with a mask, static shapes for CUDA
+        graphs. Stale slots (right padding of a shorter row) lie after the row's position and are
+        overwritten before they become visible."""
         B, T, _ = h.shape
         mask = pos = None
         if input_pos is None and T > self.cfg.max_seq_len:
@@ -174,20 +186,26 @@ class Transformer(nn.Module):
             cache = self.encode_layers[0].kv_cache
             if cache is None:
                 raise RuntimeError("input_pos needs a KV cache: call setup_cache() first")
-            pos = input_pos if input_pos.dim() == 2 else input_pos[None].expand(B, T)  # (B, T)
-            # (B, 1, T, L): each query sees the cache slots at or before its own position.
-            # Stale slots (right padding of a shorter row) lie after the row's current
-            # position and are overwritten before they become visible.
-            key_pos = torch.arange(cache.k.shape[2], device=h.device)
-            mask = key_pos[None, None, None, :] <= pos[:, None, :, None]
-        cos, sin = rope(torch.arange(T, device=h.device)[None] if pos is None else pos, self.cfg.d_model // self.cfg.n_heads)
+            if isinstance(input_pos, int):
+                pos, kv_len = input_pos, input_pos + T
+                if input_pos + T > cache.k.shape[2]:
+                    raise ValueError(f"positions up to {input_pos + T} > cache length {cache.k.shape[2]}")
+                if input_pos > 0 and T > 1:  # (T, s+T): query i sees slots up to s+i
+                    mask = torch.arange(kv_len, device=h.device) <= torch.arange(input_pos, kv_len, device=h.device)[:, None]
+            else:
+                pos = input_pos if input_pos.dim() == 2 else input_pos[None].expand(B, T)  # (B, T)
+                kv_len = kv_len or cache.k.shape[2]
+                mask = torch.arange(kv_len, device=h.device) <= pos[:, None, :, None]  # (B, 1, T, kv_len)
+        start = pos if isinstance(pos, int) else 0
+        rope_pos = torch.arange(start, start + T, device=h.device)[None] if not torch.is_tensor(pos) else pos
+        cos, sin = rope(rope_pos, self.cfg.d_model // self.cfg.n_heads)
         cos, sin = cos[:, :, None], sin[:, :, None]  # (B|1, T, 1, Dh/2)
         use_ckpt = self.cfg.grad_checkpoint and self.training and torch.is_grad_enabled()
         for layer in self.encode_layers:
             if use_ckpt:  # recompute the block in backward: activation memory of one block
-                h = checkpoint(layer, h, cos, sin, pos, mask, use_reentrant=False)
+                h = checkpoint(layer, h, cos, sin, pos, kv_len, mask, use_reentrant=False)
             else:
-                h = layer(h, cos, sin, pos, mask)
+                h = layer(h, cos, sin, pos, kv_len, mask)
         return self.out_layer_norm(h)
 
 
@@ -224,7 +242,7 @@ class Aria(nn.Module):
         n = sum(p.numel() for p in self.parameters())
         return n - self.model.tok_embeddings.weight.numel() if exclude_embedding else n
 
-    def hidden(self, ids, emb=None, input_pos=None):
+    def hidden(self, ids, emb=None, input_pos=None, kv_len=None):
         """Final-LayerNorm output. ids: (B, T) -> (B, T, d), or (B, T-1, d) with emb."""
         h = self.model.tok_embeddings(ids)  # (B, T, d)
         if emb is not None:
@@ -237,14 +255,15 @@ class Aria(nn.Module):
         if self.embedding_adapter is not None and self.training:
             # DDP needs every parameter in the graph; official code does the same
             h = h + 0.0 * self.embedding_adapter.weight.sum()
-        return self.model(h, input_pos)
+        return self.model(h, input_pos, kv_len)
 
-    def forward(self, ids, emb=None, input_pos=None, head=None, out_pos=None):
+    def forward(self, ids, emb=None, input_pos=None, head=None, out_pos=None, kv_len=None):
         """ids (B, T) -> default (or `head`) output at every position: LM logits
         (B, T, V), embeddings (B, T, E) or class logits (B, T, C); T-1 positions
         with emb. out_pos (B,) gathers one position per row first -> (B, out):
-        the <E> position for emb/cls, the last prompt token after a prefill."""
-        h = self.hidden(ids, emb, input_pos)
+        the <E> position for emb/cls, the last prompt token after a prefill. input_pos and
+        kv_len: KV-cache decoding (Transformer.forward)."""
+        h = self.hidden(ids, emb, input_pos, kv_len)
         if out_pos is not None:
             h = h[torch.arange(h.shape[0], device=h.device), out_pos]  # (B, d)
         kind = head or self.default_head
@@ -262,8 +281,10 @@ class Aria(nn.Module):
     def setup_cache(self, batch_size: int, max_seq_len: int | None = None, dtype=None, device=None):
         """Preallocate static per-layer K/V buffers (B, H, L, Dh) (SPEC D.2, gpt-fast style). Then,
         for prompts of lengths n (B,) right-padded to (B, P) (sample.py does exactly this):
-            logits = model(prompt, input_pos=torch.arange(P), out_pos=n - 1)  # (B, V)
-            loop: logits = model(tok[:, None], input_pos=pos[:, None])[:, 0]; pos += 1"""
+            logits = model(prompt, input_pos=0, out_pos=n - 1)  # (B, V), causal over the prompt
+            loop: logits = model(tok[:, None], input_pos=pos[:, None], kv_len=max(n) + i)[:, 0]; pos += 1
+        or, when every row is at the same position p (one prompt, several variations), the
+        mask-free model(tok[:, None], input_pos=p)."""
         cfg, w = self.config, self.model.tok_embeddings.weight
         L = max_seq_len or cfg.max_seq_len
         if L > cfg.max_seq_len:

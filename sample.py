@@ -14,7 +14,8 @@ the continuation alone, moved to start at 0 s) and OUT/<prompt stem>_<i>.json
 What it does, top to bottom:
 - prompt (SPEC §D.1): the notes starting in the first --prompt_seconds (tokenizer.prompt).
 - model (SPEC §D.2): static KV cache, one prefill, then one decode step per token for all
-  variations at once (bf16 on CUDA); --cuda_graph records the step once and replays it.
+  variations at once (bf16 on CUDA), attention reading only the filled cache; --cuda_graph
+  records the step once per 256 cache slots read and replays it.
 - sampling (SPEC §D.3): temperature, top-k, top-p, min-p (official default: drop tokens
   below min_p x the most likely one), then a draw seeded by --seed; temperature 0 is greedy.
   --end is the official force_end: in the last 130 positions the first token at an event
@@ -39,6 +40,7 @@ import tokenizer as T
 DEFAULT_CKPT = "out/pretrain"   # where the README quick start `python pretrain.py` trains into
 FORCE_END_WINDOW = 130          # SPEC §D.3 force_end: the last 130 positions
 CHECK_DONE_EVERY = 64           # steps between "all rows finished?" checks (a host sync)
+KV_BUCKET = 256                 # cache slots read per step rounded up to this under CUDA graphs / compile
 
 # -----------------------------------------------------------------------------
 # The token grammar. A body (after `prefix <S>`) is  (event | <T> | <D>)* <E>  with
@@ -201,8 +203,8 @@ def pick(logits, temp, top_k=0, top_p=None, min_p=0.0, generator=None):
     return torch.where(e.gather(1, tok) > 0, tok, best.indices)[:, 0]
 
 
-def _forward(model, tok, pos):
-    return model(tok, input_pos=pos)[:, 0]  # (B, 1) ids at (B, 1) positions -> (B, V) logits
+def _forward(model, tok, pos, kv_len):
+    return model(tok, input_pos=pos, kv_len=kv_len)[:, 0]  # (B, 1) ids at positions pos -> (B, V) logits
 
 
 _compiled = {}
@@ -293,9 +295,10 @@ def generate(model, prompt_ids, n_variations=1, length=2048, temp=0.98, min_p=0.
         raise ValueError(f"model vocabulary {V} != tokenizer vocabulary {T.VOCAB_SIZE}")
     if getattr(model, "lm_head", None) is None:
         raise ValueError(f"the model has no LM head (heads: {model.heads})")
-    device = torch.empty(0, device=device if device is not None else model.lm_head.weight.device).device
+    emb = model.model.tok_embeddings.weight  # never quantized: its dtype is the model's
+    device = torch.empty(0, device=device if device is not None else emb.device).device
     model = model.to(device)
-    dtype = model.lm_head.weight.dtype
+    dtype = model.model.tok_embeddings.weight.dtype
     P = max(len(p) for p in rows)
     length = min(length, model.config.max_seq_len - P)
     if length < 1:
@@ -311,11 +314,20 @@ def generate(model, prompt_ids, n_variations=1, length=2048, temp=0.98, min_p=0.
     end_from = n + length - FORCE_END_WINDOW  # (B,) first position of each row's force_end window
     forward = _forward_fn(compile, cuda_graph, device)
 
-    def step():
-        """One new token per row (<P> past <E>), in place on the buffers above: no host sync, no
-        branch on a tensor's value (the `if`s test Python settings), so one CUDA graph can record it."""
+    # Attention reads the filled part of the cache only. Eager decoding of rows at one position
+    # passes it as an int: exact length, no mask. Otherwise (rows at different positions, a CUDA
+    # graph, torch.compile) each row's position is a tensor and the read length is rounded up to
+    # KV_BUCKET slots, so shapes stay static for a whole bucket: one graph per bucket.
+    exact = len({len(p) for p in rows}) == 1 and not cuda_graph and not compile
+    bucket = 1 if not (cuda_graph or compile) else KV_BUCKET
+
+    def step(i):
+        """Token i of every row (<P> past <E>), in place on the buffers above: no host sync, no
+        branch on a tensor's value (the `if`s test Python settings), so one CUDA graph can record it
+        and replay it for every i of its bucket."""
         prev = pos[:, None] - 1  # (B, 1)
-        logits = forward(model, seq.gather(1, prev), prev)  # (B, V)
+        kv_len = min(P + length, -(-(P + i) // bucket) * bucket)
+        logits = forward(model, seq.gather(1, prev), P - 1 + i if exact else prev, None if exact else kv_len)  # (B, V)
         if grammar:
             logits = logits + g.bias()
         tok = pick(logits, temp, top_k, top_p, min_p, gen)  # (B,)
@@ -326,16 +338,22 @@ def generate(model, prompt_ids, n_variations=1, length=2048, temp=0.98, min_p=0.
         g.advance(tok)
         pos.add_(1)
 
+    graphs = {}  # read length -> the replay of its recorded step
+
+    def run(i):
+        if not cuda_graph:
+            return step(i)
+        kv_len = min(P + length, -(-(P + i) // bucket) * bucket)
+        if kv_len in graphs:
+            return graphs[kv_len]()
+        graphs[kv_len] = _capture(lambda: step(i), gen, device)  # also makes token i
+
     _ensure_cache(model, B, P + length, dtype, device)
-    # the prompts but their last tokens: the first step feeds those (output unused)
-    model(seq[:, :P - 1], input_pos=torch.arange(P - 1, device=device).expand(B, -1), out_pos=torch.zeros_like(n))
+    # the prompts but their last tokens, causal from position 0: the first step feeds those
+    model(seq[:, :P - 1], input_pos=0, out_pos=torch.zeros_like(n))
     _sync(device)
     t1 = time.perf_counter()
-    if cuda_graph:
-        replay = _capture(step, gen, device)  # also makes the first token
-    else:
-        step()
-        replay = step
+    run(0)
     _sync(device)
     t_first = t_shown = time.perf_counter()
     steps = 1
@@ -346,7 +364,7 @@ def generate(model, prompt_ids, n_variations=1, length=2048, temp=0.98, min_p=0.
             if progress is not None and time.perf_counter() - t_shown > 10:
                 t_shown = time.perf_counter()
                 progress(steps, length)
-        replay()
+        run(steps)
         steps += 1
     out = seq.tolist()  # the one big copy to the host
     t2 = time.perf_counter()
