@@ -2,9 +2,10 @@
 The performance figures that README reports, one subcommand per component.
 
     python bench.py tokenizer [FILES_OR_DIRS...]   # notes/s: mido parse vs our parse+tokenize, etc.
+    python bench.py quality --ckpt out/pretrain --data data/real --quantize int4   # KL, top-1, loss vs float32
     python bench.py train --preset tiny --data data/synthetic   # fwd+bwd tokens/s, MFU; data loader tokens/s
-    python bench.py sample --preset medium --cuda_graph          # ms/step, tokens/s, share of the bandwidth floor
-    python bench.py sample [--preset tiny|small|medium] [--ckpt X] [--batch 1,8] [--tokens 256] [--compile]
+    python bench.py sample --preset medium --quantize none,int8,int4   # ms/step, tokens/s, share of the bandwidth floor
+    python bench.py sample [--preset tiny|small|medium] [--ckpt X] [--batch 1,8] [--prompt_len 1024] [--cuda_graph]
 
 Each prints a small table and the median over --repeats runs of the whole file set.
 This is a benchmark, not a test: run it on a quiet machine.
@@ -84,25 +85,44 @@ def device_name(device):
     return f"{cpu}, {torch.get_num_threads()} threads"
 
 
-def copy_bandwidth(device, nbytes):
-    """Bytes/s of a device-to-device copy_ of nbytes (read + write counted; median of 5): the
-    rate weights can stream at. On CPU a memcpy with torch's threads; one core may read alone
-    faster than it copies, so a CPU share of the floor can pass 100%."""
+def read_bandwidth(device, nbytes):
+    """Bytes/s of reading nbytes once (a sum over a buffer larger than any cache; best of 5):
+    the rate at which a decode step can stream its weights and KV cache."""
     import torch
-    src = torch.ones(nbytes // 4, device=device)
-    dst = torch.empty_like(src)
-    sync = torch.cuda.synchronize if src.is_cuda else (lambda: None)
-    dst.copy_(src)
-    sync()
-    return 2 * nbytes / timed(lambda: (dst.copy_(src), sync()), 5)
+    x = torch.ones(nbytes // 4, device=device)
+    sync = torch.cuda.synchronize if x.is_cuda else (lambda: None)
+    best = min(timed(lambda: (x.sum(), sync()), 1) for _ in range(5))
+    return nbytes / best
+
+
+def bench_prompt(args, T):
+    """--prompt_len tokens of a real performance (--prompt, else a reference file when
+    ../shared is there), or of made-up notes; `prefix <S> body`, no <E>."""
+    path = Path(args.prompt) if args.prompt else SHARED / "aria" / "midi" / "nocturne.mid"
+    if path.is_file():
+        ids, name = T.tokenize(str(path), dim=False, eos=False), path.name
+    else:
+        notes = [(i * 120, i * 120 + 400, 48 + (i * 7) % 36, 40 + (i * 13) % 80, 0) for i in range(args.prompt_len)]
+        ids, name = T.tokenize(T.load_midi(_midi_bytes(T.notes_to_midi(notes, {0: 0}))), dim=False, eos=False), "made-up notes"
+    if len(ids) < args.prompt_len:
+        sys.exit(f"bench.py: {name} has {len(ids)} tokens, fewer than --prompt_len {args.prompt_len}")
+    return ids[:args.prompt_len], name
+
+
+def _midi_bytes(midi):
+    import io
+    f = io.BytesIO()
+    midi.save(file=f)
+    return f.getvalue()
 
 
 def bench_sample(args):
-    """sample.generate's decode step (grammar and min-p sampling included), random weights
-    unless --ckpt, for each --batch: ms per step and new tokens/s after a warm-up run of the
-    same shape, the time from the start of the first run (right after model loading) to its
-    first new token, and the share of the bandwidth floor: reading every weight once per
-    step at the measured copy bandwidth."""
+    """sample.generate's decode step (grammar and min-p sampling included) after a --prompt_len
+    prompt, random weights unless --ckpt, for each --quantize and --batch, alternating the
+    settings over --repeats runs: ms per step and new tokens/s (medians), the time from the start
+    of the first run (right after loading) to its first new token, and the floor: the bytes a
+    step streams (every weight but the embedding table, at its stored width, plus the KV cache
+    slots read) over the measured read bandwidth."""
     import torch
     import model as M
     import sample as S
@@ -113,46 +133,113 @@ def bench_sample(args):
     try:
         device = S.pick_device(args.device)
         batches = [int(b) for b in args.batch.split(",")]
-    except (S.Fail, ValueError) as e:
+        modes = args.quantize.split(",")
+        assert set(modes) <= {"none", "int8", "int4"}, f"--quantize {args.quantize}: none, int8 or int4"
+    except (S.Fail, ValueError, AssertionError) as e:
         sys.exit(f"bench.py: {e}")
     dtype = S.pick_dtype(args.dtype, device)
-    if args.ckpt:
-        try:
-            model = M.load_model(args.ckpt, device=device, dtype=dtype)
-        except M.CheckpointError as e:
-            sys.exit(f"bench.py: {e}")
-        name = args.ckpt
-    else:
-        torch.manual_seed(0)
-        with torch.device(device):
-            model = M.Aria(M.PRESETS[args.preset])
-        model = model.to(dtype).eval()
-        name = f"{args.preset} (random weights)"
+    prompt, prompt_name = bench_prompt(args, T)
+    models = {}
+    for mode in modes:
+        if args.ckpt:
+            try:
+                model = M.load_model(args.ckpt, device=device, dtype=dtype)
+            except M.CheckpointError as e:
+                sys.exit(f"bench.py: {e}")
+        else:
+            torch.manual_seed(0)
+            with torch.device(device):
+                model = M.Aria(M.PRESETS[args.preset])
+            model = model.to(dtype).eval()
+        models[mode] = M.quantize(model, mode, args.group_size)
+    name = args.ckpt or f"{args.preset} (random weights)"
     gpu = device == "cuda"
     for option in ("compile", "cuda_graph"):
         if getattr(args, option) and not gpu:
             print(f"note: --{option} applies to CUDA only; decoding eagerly on {device}")
-    modes = [name for name, on in (("torch.compile", args.compile), ("CUDA graph", args.cuda_graph)) if on and gpu]
-    weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
-    bw = copy_bandwidth(device, (1 << 30) if gpu else (256 << 20))
-    floor = weight_bytes / bw
-    print(f"sample: {name}, {model.num_params() / 1e6:.1f}M parameters ({weight_bytes / 1e6:.1f} MB "
-          f"{str(dtype).replace('torch.', '')}), {device}: {device_name(device)}; {' + '.join(modes) or 'eager'}")
-    print(f"copy bandwidth {bw / 1e9:.1f} GB/s ({'1 GiB' if gpu else '256 MiB'} copy_, read + write) -> "
-          f"floor {floor * 1e3:.3f} ms/step (every weight read once per step)")
-    print(f"{args.tokens} new tokens per row after a 2-token prompt")
-    print(f"{'batch':>5s} {'ms/step':>9s} {'new tokens/s':>13s} {'per row':>9s} {'first token':>14s} "
-          f"{'share of floor':>15s}")
-    prompt = [T.INSTRUMENT_PREFIX_ID["piano"], T.BOS_ID]
-    for B in batches:
-        run = dict(n_variations=B, length=args.tokens, device=device, eos=False, compile=args.compile and gpu,
-                   cuda_graph=args.cuda_graph and gpu)
-        cold, warm = {}, {}
-        S.generate(model, prompt, seed=0, stats=cold, **run)  # the first run of this shape: compiles, captures
-        S.generate(model, prompt, seed=1, stats=warm, **run)
-        step = warm["step_s"]
-        print(f"{B:5d} {step * 1e3:9.3f} {B / step:13.1f} {1 / step:9.1f} {cold['first_token_s'] * 1e3:11.1f} ms "
-              f"{100 * floor / step:14.1f}%")
+    how = [n for n, on in (("torch.compile", args.compile), ("CUDA graph", args.cuda_graph)) if on and gpu]
+    bw = read_bandwidth(device, (1 << 30))
+    cfg = models[modes[0]].config
+    print(f"sample: {name}, {cfg.d_model}-wide, {cfg.n_layers} layers, {str(dtype).replace('torch.', '')}, "
+          f"{device}: {device_name(device)}; {' + '.join(how) or 'eager'}")
+    print(f"read bandwidth {bw / 1e9:.1f} GB/s (sum over 1 GiB); prompt {len(prompt)} tokens ({prompt_name}), "
+          f"then {args.tokens} new tokens per row; median of {args.repeats}")
+    print(f"{'quantize':>8s} {'batch':>5s} {'ms/step':>9s} {'new tokens/s':>13s} {'per row':>9s} {'first token':>14s} "
+          f"{'weights MB':>11s} {'KV MB':>7s} {'floor ms':>9s} {'share of floor':>15s}")
+    runs = [(mode, B) for B in batches for mode in modes]
+    first, steps = {}, {r: [] for r in runs}
+    for rep in range(args.repeats + 1):  # the first round: compiles, captures, packs; its first token is reported
+        for mode, B in runs:
+            st = {}
+            S.generate(models[mode], prompt, n_variations=B, length=args.tokens, device=device, eos=False, seed=rep,
+                       compile=args.compile and gpu, cuda_graph=args.cuda_graph and gpu, stats=st)
+            if rep == 0:
+                first[mode, B] = st["first_token_s"]
+            else:
+                steps[mode, B].append(st["step_s"])
+    for mode, B in runs:
+        m = models[mode]
+        weights = sum(t.numel() * t.element_size() for k, t in m.state_dict().items() if "tok_embeddings" not in k)
+        ctx = len(prompt) + args.tokens / 2  # slots read per step, on average
+        kv = 2 * cfg.n_layers * B * cfg.d_model * ctx * m.model.tok_embeddings.weight.element_size()
+        floor, step = (weights + kv) / bw, statistics.median(steps[mode, B])
+        print(f"{mode:>8s} {B:5d} {step * 1e3:9.2f} {B / step:13.1f} {1 / step:9.1f} {first[mode, B] * 1e3:11.1f} ms "
+              f"{weights / 1e6:11.1f} {kv / 1e6:7.1f} {floor * 1e3:9.2f} {100 * floor / step:14.1f}%")
+
+
+def bench_quality(args):
+    """What --quantize costs: the quantized model against the float32 one on the validation split
+    of a prepared dataset (windows of --seq_len + 1 tokens, every position scored): mean KL(float32
+    || quantized) of the next-token distributions, the share of positions where both rank the same
+    token first, and the validation loss of both, overall and per kind of target token. The
+    quantized model runs as sample.py runs it: a prefill through the KV cache."""
+    import json
+    import numpy as np
+    import torch
+    import model as M
+    import tokenizer as T
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    try:
+        ref = M.load_model(args.ckpt)
+        q = M.quantize(M.load_model(args.ckpt), args.quantize, args.group_size)
+        tokens = np.memmap(Path(args.data) / "val.bin", dtype=np.uint16, mode="r")
+    except (M.CheckpointError, ValueError, OSError) as e:
+        sys.exit(f"bench.py: {e}")
+    L = min(args.seq_len, ref.config.max_seq_len)
+    n = min(args.windows, (len(tokens) - 1) // L)
+    if n < 1:
+        sys.exit(f"bench.py: {args.data}/val.bin has {len(tokens)} tokens, fewer than one window of {L + 1}")
+    kinds = {"note": T.NOTE, "onset": T.ONSET, "dur": T.DUR}
+    sums = {k: np.zeros(5) for k in ["all", *kinds, "<T>"]}  # positions, kl, same top-1, loss, loss float32
+    q.setup_cache(1, L)
+    t0 = time.perf_counter()
+    with torch.no_grad():
+        for w in range(n):
+            x = torch.from_numpy(tokens[w * L:(w + 1) * L + 1].astype(np.int64))[None]  # (1, L+1)
+            lr = torch.log_softmax(ref(x[:, :-1]).float(), -1)[0]  # (L, V)
+            lq = torch.log_softmax(q(x[:, :-1], input_pos=0).float(), -1)[0]
+            y = x[0, 1:]
+            kl = (lr.exp() * (lr - lq)).sum(-1)
+            same = lr.argmax(-1) == lq.argmax(-1)
+            nll_q, nll_r = -lq.gather(1, y[:, None])[:, 0], -lr.gather(1, y[:, None])[:, 0]
+            cls = torch.from_numpy(T.TOKEN_CLASS.astype(np.int64))[y]
+            masks = {"all": torch.ones_like(same), **{k: cls == c for k, c in kinds.items()}, "<T>": y == T.SEG_ID}
+            for k, m in masks.items():
+                sums[k] += [int(m.sum()), float(kl[m].sum()), int(same[m].sum()), float(nll_q[m].sum()), float(nll_r[m].sum())]
+            print(f"  window {w + 1}/{n}, {(time.perf_counter() - t0) / (w + 1):.1f} s each", file=sys.stderr, flush=True)
+    print(f"quality: {args.ckpt}, --quantize {args.quantize}" + (f" --group_size {args.group_size}" if args.quantize == "int4" else "")
+          + f", {n} windows of {L} tokens of {args.data}/val.bin")
+    print(f"{'target':>8s} {'positions':>10s} {'KL nats':>9s} {'same top-1':>11s} {'loss':>8s} {'loss fp32':>10s} {'change':>8s}")
+    result = {"quantize": args.quantize, "group_size": args.group_size, "windows": n, "seq_len": L}
+    for k, (npos, kl, same, lq, lr) in sums.items():
+        if npos:
+            row = dict(positions=int(npos), kl=kl / npos, top1=same / npos, loss=lq / npos, loss_float32=lr / npos)
+            result[k] = row
+            print(f"{k:>8s} {int(npos):10,d} {row['kl']:9.5f} {100 * row['top1']:10.2f}% {row['loss']:8.4f} "
+                  f"{row['loss_float32']:10.4f} {100 * (row['loss'] / row['loss_float32'] - 1):+7.2f}%")
+    print(json.dumps({**{k: result["all"][k] for k in ("kl", "top1", "loss", "loss_float32")}, **result}))
 
 
 def bench_train(args):
@@ -225,7 +312,14 @@ def main():
                    help="model shape (random weights) when no --ckpt")
     p.add_argument("--ckpt", default=None, help="a checkpoint instead of a preset")
     p.add_argument("--batch", default="1,8", help="comma-separated batch sizes (variations decoded together)")
-    p.add_argument("--tokens", type=int, default=256, help="new tokens per row")
+    p.add_argument("--tokens", type=int, default=128, help="new tokens per row")
+    p.add_argument("--prompt_len", type=int, default=1024, help="prompt tokens: the context every step attends to")
+    p.add_argument("--prompt", default=None,
+                   help="MIDI file for the prompt (default: ../shared/aria/midi/nocturne.mid, else made-up notes)")
+    p.add_argument("--quantize", default="none",
+                   help="comma-separated: none, int8, int4 (sample.py --quantize), measured side by side")
+    p.add_argument("--group_size", type=int, default=64, help="int4: inputs per scale and offset")
+    p.add_argument("--repeats", type=int, default=3, help="timed runs of every setting, alternating (median)")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"])
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
                    help="auto: bfloat16 on CUDA, float32 elsewhere")
@@ -235,6 +329,16 @@ def main():
     p.add_argument("--cuda_graph", action="store_true",
                    help="CUDA: the decode step as one CUDA graph (sample.py --cuda_graph; experimental)")
     p.set_defaults(fn=bench_sample)
+    p = sub.add_parser("quality", help="what --quantize costs: KL, top-1 agreement and loss against float32",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--ckpt", required=True, help="checkpoint with an LM head (official safetensors, ours, a folder)")
+    p.add_argument("--data", required=True, help="a prepared dataset (prepare.py): its val.bin is scored")
+    p.add_argument("--quantize", default="int8", choices=["int8", "int4"], help="the quantization to measure")
+    p.add_argument("--group_size", type=int, default=64, help="int4: inputs per scale and offset")
+    p.add_argument("--seq_len", type=int, default=1024, help="tokens per window (capped at the model's context)")
+    p.add_argument("--windows", type=int, default=16, help="windows scored, from the start of val.bin")
+    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    p.set_defaults(fn=bench_quality)
     p = sub.add_parser("train", help="forward+backward tokens/s and MFU; the data loader's tokens/s beside it",
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--preset", default="tiny", choices=["tiny", "small", "medium"], help="model shape")

@@ -36,12 +36,18 @@ def test_bench_tokenizer(tmp_path):
 
 
 def test_bench_sample():
-    out = bench("sample", "--device", "cpu", "--preset", "tiny", "--tokens", "16", "--batch", "1,2", "--threads", "1")
-    bw = re.search(r"copy bandwidth " + NUMBER + r" GB/s .* floor " + NUMBER + " ms/step", out)
-    assert bw and min(numbers(bw.group(0))) > 0, out
-    rows = re.findall(r"^\s*(\d+)\s+" + r"\s+".join([NUMBER] * 4) + r" ms\s+" + NUMBER + "%$", out, re.M)
-    assert [int(r[0]) for r in rows] == [1, 2], out  # batch, ms/step, tokens/s, per row, first token, share
-    assert all(float(x) > 0 for r in rows for x in r[1:]), out
+    out = bench("sample", "--device", "cpu", "--preset", "tiny", "--tokens", "16", "--batch", "1,2", "--threads", "1",
+                "--prompt_len", "300", "--quantize", "none,int8,int4", "--repeats", "1")
+    bw = re.search(r"read bandwidth " + NUMBER + r" GB/s .*prompt 300 tokens", out)
+    assert bw and float(bw.group(1)) > 0, out
+    rows = re.findall(r"^\s*(none|int8|int4)\s+(\d+)\s+" + r"\s+".join([NUMBER] * 4) + r" ms\s+"
+                      + r"\s+".join([NUMBER] * 3) + r"\s+" + NUMBER + "%$", out, re.M)
+    assert [(r[0], int(r[1])) for r in rows] == [(q, b) for b in (1, 2) for q in ("none", "int8", "int4")], out
+    assert all(float(x.replace(",", "")) > 0 for r in rows for x in r[2:]), out
+    weights = {r[0]: float(r[6]) for r in rows}  # the floor counts the stored width
+    assert weights["int4"] < weights["int8"] < 0.5 * weights["none"], out
+    kv = {int(r[1]): float(r[7]) for r in rows}  # the KV slots read grow with the batch
+    assert kv[2] > 1.9 * kv[1], out
 
 
 def test_bench_train():
