@@ -125,6 +125,7 @@ def bench_sample(args):
     slots read) over the measured read bandwidth."""
     import torch
     import model as M
+    import quantize as Q
     import sample as S
     import tokenizer as T
 
@@ -151,7 +152,7 @@ def bench_sample(args):
             with torch.device(device):
                 model = M.Aria(M.PRESETS[args.preset])
             model = model.to(dtype).eval()
-        models[mode] = M.quantize(model, mode, args.group_size)
+        models[mode] = Q.quantize(model, mode, args.group_size)
     name = args.ckpt or f"{args.preset} (random weights)"
     gpu = device == "cuda"
     for option in ("compile", "cuda_graph"):
@@ -197,13 +198,14 @@ def bench_quality(args):
     import numpy as np
     import torch
     import model as M
+    import quantize as Q
     import tokenizer as T
 
     if args.threads:
         torch.set_num_threads(args.threads)
     try:
         ref = M.load_model(args.ckpt)
-        q = M.quantize(M.load_model(args.ckpt), args.quantize, args.group_size)
+        q = Q.quantize(M.load_model(args.ckpt), args.quantize, args.group_size)
         tokens = np.memmap(Path(args.data) / "val.bin", dtype=np.uint16, mode="r")
     except (M.CheckpointError, ValueError, OSError) as e:
         sys.exit(f"bench.py: {e}")

@@ -35,6 +35,7 @@ from pathlib import Path
 import torch
 
 import model as M
+import quantize as Q
 import tokenizer as T
 
 DEFAULT_CKPT = "out/pretrain"   # where the README quick start `python pretrain.py` trains into
@@ -543,7 +544,7 @@ def load_lm(a, device, dtype):
     if a.quantize != "none" and done and done["mode"] != a.quantize:
         raise Fail(f"{path}: already quantized to {done['mode']}; leave out --quantize {a.quantize}")
     try:
-        M.quantize(model, "none" if done else a.quantize, a.group_size)
+        Q.quantize(model, "none" if done else a.quantize, a.group_size)
     except ValueError as e:
         raise Fail(f"--quantize {a.quantize} --group_size {a.group_size}: {e}") from None
     return model, path

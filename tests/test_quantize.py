@@ -17,6 +17,7 @@ import torch.nn.functional as F
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 import model as M  # noqa: E402
+import quantize as Q  # noqa: E402
 import sample as S  # noqa: E402
 import tokenizer as T  # noqa: E402
 
@@ -40,7 +41,7 @@ def dequantized(model):
     model = copy.deepcopy(model)
     for parent in list(model.modules()):
         for name, child in list(parent.named_children()):
-            if isinstance(child, M.QLinear):
+            if isinstance(child, Q.QLinear):
                 w = child.dequantize()
                 lin = Twin(w.shape[1], w.shape[0], bias=False)
                 lin.weight.data, lin.bf16 = w, child.bits == 4
@@ -58,7 +59,7 @@ def piece(k, n=120):
 def test_layer_computes_with_its_stored_weights(bits):
     torch.manual_seed(0)
     w = torch.randn(40, 256) * 0.05  # 40 rows: the int4 kernel pads to 48
-    q = M.QLinear(40, 256, bits, group_size=64).quantize_(w)
+    q = Q.QLinear(40, 256, bits, group_size=64).quantize_(w)
     twin = q.dequantize()
     assert twin.shape == w.shape
     err = (twin - w).norm() / w.norm()
@@ -70,21 +71,21 @@ def test_layer_computes_with_its_stored_weights(bits):
         # int8: activations quantized per row on the fly (1/255 of the row's range); int4: bf16
         assert (y - ref).norm() / ref.norm() < (0.02 if bits == 8 else 0.005)
     if bits == 4:  # smaller groups, closer weights: the option does what it says
-        err32 = (M.QLinear(40, 256, 4, group_size=32).quantize_(w).dequantize() - w).norm() / w.norm()
+        err32 = (Q.QLinear(40, 256, 4, group_size=32).quantize_(w).dequantize() - w).norm() / w.norm()
         assert err32 < 0.9 * err
 
 
 def test_quantize_replaces_the_trunk_and_lm_head_only():
     torch.manual_seed(0)
-    m = M.quantize(M.Aria(M.ModelConfig(d_model=64, n_heads=4, n_layers=2, max_seq_len=64, emb_size=8), ("lm", "emb")).eval(), "int4")
-    q = [name for name, mod in m.named_modules() if isinstance(mod, M.QLinear)]
+    m = Q.quantize(M.Aria(M.ModelConfig(d_model=64, n_heads=4, n_layers=2, max_seq_len=64, emb_size=8), ("lm", "emb")).eval(), "int4")
+    q = [name for name, mod in m.named_modules() if isinstance(mod, Q.QLinear)]
     assert len(q) == 2 * 5 + 1 and "lm_head" in q
     assert isinstance(m.emb_head, torch.nn.Linear) and isinstance(m.model.tok_embeddings, torch.nn.Embedding)
     assert m.num_params() == M.Aria(m.config, ("lm", "emb")).num_params()  # counts the quantized weights
     with pytest.raises(ValueError, match="already quantized"):
-        M.quantize(m, "int8")
+        Q.quantize(m, "int8")
     with pytest.raises(ValueError, match="groups of 48"):
-        M.quantize(M.Aria(m.config).eval(), "int4", group_size=48)
+        Q.quantize(M.Aria(m.config).eval(), "int4", group_size=48)
 
 
 @torch.no_grad()
@@ -92,7 +93,7 @@ def test_weight_only_int4_gives_the_greedy_tokens_of_its_float_twin():
     prompt = T.tokenize(T.load_midi(_bytes(piece(0))), dim=False, eos=False)[:120]
     for seed in range(3):
         torch.manual_seed(seed)
-        q = M.quantize(M.Aria(M.ModelConfig(d_model=128, n_heads=2, n_layers=2, max_seq_len=512)).eval(), "int4")
+        q = Q.quantize(M.Aria(M.ModelConfig(d_model=128, n_heads=2, n_layers=2, max_seq_len=512)).eval(), "int4")
         rows = S.generate(q, prompt, 2, 80, temp=0)
         assert rows == S.generate(dequantized(q), prompt, 2, 80, temp=0)
         assert len(rows[0]) > len(prompt)
@@ -148,7 +149,7 @@ def test_bench_quality_meets_the_fidelity_goals(trained, mode, goals):
 
 
 def test_quantized_checkpoint_saves_loads_and_samples(trained, tmp_path):
-    m = M.quantize(M.load_model(trained / "run"), "int8")
+    m = Q.quantize(M.load_model(trained / "run"), "int8")
     M.save_checkpoint(tmp_path / "q8.pt", m)
     back = M.load_model(tmp_path / "q8.pt")
     assert back.quantized == {"mode": "int8", "group_size": 64}
