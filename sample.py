@@ -98,7 +98,7 @@ def _tables():
 
 def prompt_info(ids):
     """What a prompt fixes for its continuation: (instruments named in the prefix,
-    grammar state after the prompt, last onset id in its last segment)."""
+    grammar state after the prompt, last onset id in its last segment, segments before it)."""
     ids = [int(i) for i in ids]
     if T.BOS_ID not in ids:
         raise ValueError("prompt has no <S>: expected `prefix <S> body` (tokenizer.prompt gives one)")
@@ -117,7 +117,7 @@ def prompt_info(ids):
             last = T.ONSET_START
         elif T.TOKEN_CLASS[i] == T.ONSET:
             last = i
-    return instruments, state, last
+    return instruments, state, last, ids[bos + 1:].count(T.SEG_ID)
 
 
 class Grammar:
@@ -126,14 +126,15 @@ class Grammar:
     state's tokens, the row's instruments) plus, on the onset ids, a row of an (onsets,
     onsets) table for the onset lower bound (harmless where onsets are banned anyway): row
     lookups and adds, several times cheaper on CPU than comparisons and masked_fill over the
-    vocabulary. advance() is a table lookup."""
+    vocabulary. advance() is a table lookup. time_ms() is each row's music time: the onset of
+    its last event. min_onset_ms (live.py): no new onset before this time in the last segment."""
 
-    def __init__(self, prompts, device="cpu", eos=True):
+    def __init__(self, prompts, device="cpu", eos=True, min_onset_ms=0):
         allowed, nxt = _tables()
         V, inf = T.VOCAB_SIZE, float("-inf")
         info = [prompt_info(p) for p in prompts]  # (instruments, state, last onset) per row
         row_ok = torch.ones(len(info), V, dtype=torch.bool)  # (B, V): only the row's instruments
-        for b, (instruments, _, _) in enumerate(info):
+        for b, (instruments, *_) in enumerate(info):
             for k, name in enumerate(T.INSTRUMENTS):
                 if name not in instruments:
                     start = T.NOTE_START + k * T.NOTES_PER_INSTRUMENT
@@ -147,8 +148,10 @@ class Grammar:
         self.onset_floor = torch.zeros(len(k), len(k)).masked_fill_(k < k[:, None], inf).to(device)  # j: onsets >= j
         self.next = nxt.to(device)
         self.first_row = torch.arange(len(info), device=device) * N_STATES  # (B,)
-        self.state = torch.tensor([state for _, state, _ in info], device=device)  # (B,)
-        self.last_onset = torch.tensor([last for _, _, last in info], device=device)  # (B,) onset id
+        self.state = torch.tensor([i[1] for i in info], device=device)  # (B,)
+        floor = T.onset_id(min(min_onset_ms, T.SEGMENT_MS - T.TIME_STEP_MS))
+        self.last_onset = torch.tensor([max(i[2], floor) for i in info], device=device)  # (B,) onset id
+        self.seg = torch.tensor([i[3] for i in info], device=device)  # (B,) <T>s so far
 
     def bias(self):
         """(B, V) float: 0 for the tokens each row may take next, -inf for the others."""
@@ -161,6 +164,10 @@ class Grammar:
         last = torch.where(tok == T.SEG_ID, T.ONSET_START, torch.where(tok >= T.ONSET_START, tok, self.last_onset))
         self.state.copy_(self.next[self.state, tok])
         self.last_onset.copy_(last)
+        self.seg.add_(tok == T.SEG_ID)
+
+    def time_ms(self):
+        return self.seg * T.SEGMENT_MS + (self.last_onset - T.ONSET_START) * T.TIME_STEP_MS
 
     @property
     def done(self):
@@ -252,12 +259,15 @@ def _capture(step, gen, device):
     return graph.replay
 
 
-def _ensure_cache(model, batch, length, dtype, device):
-    # reuse same-shaped KV buffers (compiled code keeps pointing at them); stale slots are
-    # overwritten before any query can see them (model.setup_cache)
+def _ensure_cache(model, batch, length, dtype, device, keep=False):
+    # reuse KV buffers that fit (compiled code keeps pointing at them; a longer cache may hold a
+    # prefill, `keep`); attention reads only the filled slots, stale ones are overwritten first
     kv = model.model.encode_layers[0].kv_cache
-    if kv is None or (kv.k.shape[0], kv.k.shape[2], kv.k.dtype, kv.k.device) != (batch, length, dtype, device):
-        model.setup_cache(batch, length, dtype=dtype, device=device)
+    if kv is not None and (kv.k.shape[0], kv.k.dtype, kv.k.device) == (batch, dtype, device) and kv.k.shape[2] >= length:
+        return
+    if keep:
+        raise ValueError("prefilled: the model's KV cache does not hold that prefill (call setup_cache first)")
+    model.setup_cache(batch, length, dtype=dtype, device=device)
 
 
 def _sync(device):
@@ -268,7 +278,7 @@ def _sync(device):
 @torch.no_grad()
 def generate(model, prompt_ids, n_variations=1, length=2048, temp=0.98, min_p=0.035, top_p=None,
              top_k=0, seed=0, end=False, device=None, grammar=True, eos=True, compile=False,
-             cuda_graph=False, stats=None, progress=None):
+             cuda_graph=False, stats=None, progress=None, seconds=None, on_step=None, prefilled=0, min_onset_ms=0):
     """Continue prompts; returns one full token list per row (prompt + new tokens,
     cut after <E> when one was produced).
 
@@ -285,6 +295,12 @@ def generate(model, prompt_ids, n_variations=1, length=2048, temp=0.98, min_p=0.
     device:     where to run (the model is moved there); default: where the model is
     stats:      a dict to fill with timings and counts
     progress:   called as progress(steps_done, length) at most every 10 s
+    seconds:    music to add: a row ends (<E> after its first event starting this long after its
+                prompt's last onset); with `end`, <D> comes about 100 of the row's tokens earlier
+    on_step:    called as on_step(i, tokens) with each step's new token per row (a host read
+                per step: streaming, live.py); returning True stops
+    prefilled:  the KV cache already holds the first `prefilled` prompt tokens (one prompt;
+                live.py prefills while the pianist plays); min_onset_ms: see Grammar
     """
     ids = [p.tolist() if hasattr(p, "tolist") else p for p in prompt_ids]  # rows of tensors, numpy arrays
     prompts = ids if ids and isinstance(ids[0], (list, tuple)) else [ids]
@@ -307,7 +323,9 @@ def generate(model, prompt_ids, n_variations=1, length=2048, temp=0.98, min_p=0.
                          f"({model.config.max_seq_len} tokens)")
     _sync(device)
     t0 = time.perf_counter()
-    g = Grammar(rows, device, eos=eos)  # checks the prompts: each has `prefix <S>`, so >= 2 tokens
+    g = Grammar(rows, device, eos=eos, min_onset_ms=min_onset_ms)  # checks the prompts: `prefix <S> body`
+    t_prompt = g.time_ms()  # (B,) each row's last prompt onset
+    until = None if seconds is None else t_prompt + round(seconds * 1000)
     gen = torch.Generator(device=device).manual_seed(seed)
     seq = torch.tensor([p + [T.PAD_ID] * (P + length - len(p)) for p in rows], device=device)  # (B, L)
     n = torch.tensor([len(p) for p in rows], device=device)  # (B,)
@@ -332,8 +350,14 @@ def generate(model, prompt_ids, n_variations=1, length=2048, temp=0.98, min_p=0.
         if grammar:
             logits = logits + g.bias()
         tok = pick(logits, temp, top_k, top_p, min_p, gen)  # (B,)
-        if end:  # official rule: the first token that is not a dur/onset (= at an event boundary)
-            tok = torch.where((tok < T.DUR_START) & ~g.dim_used & (pos >= end_from), T.DIM_ID, tok)
+        boundary = tok < T.DUR_START  # not a dur/onset: the token starts an event (or is special)
+        if end:  # official rule: the first token at an event boundary, in the last 130 positions
+            late = pos >= end_from
+            if until is not None:  # or about 100 tokens before `until`, at the row's ms per token so far
+                late = late | (g.time_ms() >= until - 100 * (g.time_ms() - t_prompt) // (pos - n + 1))
+            tok = torch.where(boundary & ~g.dim_used & late, T.DIM_ID, tok)
+        if until is not None:  # <E> after the first event that starts at `until`
+            tok = torch.where(boundary & (g.state % DIM_USED == EVENT) & (g.time_ms() >= until), T.EOS_ID, tok)
         tok = torch.where(g.done, T.PAD_ID, tok)
         seq.scatter_(1, pos[:, None], tok[:, None])
         g.advance(tok)
@@ -349,23 +373,29 @@ def generate(model, prompt_ids, n_variations=1, length=2048, temp=0.98, min_p=0.
             return graphs[kv_len]()
         graphs[kv_len] = _capture(lambda: step(i), gen, device)  # also makes token i
 
-    _ensure_cache(model, B, P + length, dtype, device)
-    # the prompts but their last tokens, causal from position 0: the first step feeds those
-    model(seq[:, :P - 1], input_pos=0, out_pos=torch.zeros_like(n))
+    if prefilled and (B > 1 or prefilled >= P):
+        raise ValueError(f"prefilled={prefilled}: needs one row, and fewer than its {P} prompt tokens")
+    _ensure_cache(model, B, P + length, dtype, device, keep=prefilled > 0)
+    # the prompts but their last tokens, causal from position 0 (or `prefilled`): the first step feeds those
+    if prefilled < P - 1:
+        model(seq[:, prefilled:P - 1], input_pos=prefilled, out_pos=torch.zeros_like(n))
     _sync(device)
     t1 = time.perf_counter()
     run(0)
+    stop = on_step is not None and on_step(0, seq[:, P].tolist())
     _sync(device)
     t_first = t_shown = time.perf_counter()
     steps = 1
-    while steps < length:
-        if steps % CHECK_DONE_EVERY == 0:
+    while steps < length and not stop:
+        if steps % CHECK_DONE_EVERY == 0 or on_step is not None:
             if bool(g.done.all()):  # the one host sync of the loop
                 break
             if progress is not None and time.perf_counter() - t_shown > 10:
                 t_shown = time.perf_counter()
                 progress(steps, length)
         run(steps)
+        if on_step is not None:
+            stop = on_step(steps, seq[:, P + steps].tolist())
         steps += 1
     out = seq.tolist()  # the one big copy to the host
     t2 = time.perf_counter()
@@ -379,6 +409,34 @@ def generate(model, prompt_ids, n_variations=1, length=2048, temp=0.98, min_p=0.
                      decode_tokens_per_s=B * steps / (t2 - t1), device=str(device),
                      dtype=str(dtype).replace("torch.", ""))
     return results
+
+
+class NoteStream:
+    """One row's notes and pedal changes as its tokens arrive (--stream, --port, live.py):
+    feed(token) -> (notes, pedal changes) the token completes, as detokenize_notes gives them for
+    the whole row: (start_ms, end_ms, pitch, velocity, channel) and (ms, on)."""
+
+    def __init__(self, prompt):
+        bos = prompt.index(T.BOS_ID)
+        self.head, self.event = prompt[:bos + 1], []  # the prefix names the channels
+        self.base = T.SEGMENT_MS * prompt[bos + 1:].count(T.SEG_ID)
+
+    def feed(self, tok):
+        cls = T.TOKEN_CLASS[tok] if tok < len(T.TOKEN_CLASS) else T.SPECIAL
+        if tok == T.SEG_ID:
+            self.base += T.SEGMENT_MS
+        if cls in (T.NOTE, T.DRUM, T.PEDAL):
+            self.event = [tok]
+        elif cls in (T.ONSET, T.DUR) and self.event:
+            self.event.append(tok)
+            if cls == T.DUR or T.TOKEN_CLASS[self.event[0]] != T.NOTE:
+                notes, _, changes = T.detokenize_notes(self.head + self.event, pedals=True)
+                self.event = []
+                return ([(s + self.base, e + self.base, *n) for s, e, *n in notes],
+                        [(t + self.base, on) for t, on in changes])
+        else:
+            self.event = []
+        return [], []
 
 
 # -----------------------------------------------------------------------------
@@ -435,21 +493,31 @@ class Parser(argparse.ArgumentParser):
         raise Fail(message)
 
 
-def build_parser():
-    ap = Parser(prog="sample.py", description="Continue a MIDI prompt (or start from scratch) with an Aria model.",
-                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    ap.add_argument("prompt", nargs="?", default=None,
-                    help="MIDI file to continue; leave out to generate from scratch (piano prefix, <S>)")
+def add_model_args(ap):
+    """The options that pick and run the model (sample.py and live.py)."""
     ap.add_argument("--ckpt", default=DEFAULT_CKPT,
                     help="checkpoint: official .safetensors (config X.json beside it, or inferred), "
                          "our .pt, or a folder (its latest checkpoint)")
-    ap.add_argument("--out", default="samples", help="output folder")
-    ap.add_argument("--prompt_seconds", type=float, default=15.0,
-                    help="continue the notes that start in the first this many seconds (paper §4)")
-    ap.add_argument("--variations", type=int, default=1,
-                    help="continuations, sampled as one batch (the paper's listening test used 8 per prompt)")
-    ap.add_argument("--length", type=int, default=2048,
-                    help="new tokens at most (official default); capped by the model's context minus the prompt")
+    ap.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"],
+                    help="auto: cuda, else mps, else cpu")
+    ap.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+                    help="weights and KV cache; auto: bfloat16 on CUDA, float32 elsewhere")
+    ap.add_argument("--quantize", default="none", choices=["none", "int8", "int4"],
+                    help="weights of the blocks and LM head at load: int8 per output channel, int4 in groups; "
+                         "CPU: 4-7x faster decoding (README, Performance); elsewhere dequantized in the matmul")
+    ap.add_argument("--group_size", type=int, default=64, help="int4: inputs per scale and offset")
+    ap.add_argument("--threads", type=int, default=0,
+                    help="torch CPU threads; 0 = torch's default (on a busy 2-core machine 1 is often faster)")
+    ap.add_argument("--compile", action="store_true",
+                    help="CUDA: torch.compile the model's forward (inductor; without --cuda_graph also "
+                         "its CUDA graphs); the first step pays for compiling")
+    ap.add_argument("--cuda_graph", action="store_true",
+                    help="CUDA: record the decode step as CUDA graphs (one per 256 cache slots read) and replay "
+                         "them (same tokens as without; experimental: not yet run on a GPU)")
+
+
+def add_sampling_args(ap):
+    """How tokens are drawn (sample.py and live.py)."""
     ap.add_argument("--temp", type=float, default=0.98, help="temperature in [0, 2]; 0 = greedy")
     ap.add_argument("--min_p", type=float, default=0.035,
                     help="drop tokens less likely than min_p x the most likely one; 0 = off")
@@ -458,29 +526,36 @@ def build_parser():
     ap.add_argument("--seed", type=int, default=0,
                     help="seeds the sampler: same seed, checkpoint and device give byte-identical MIDI")
     ap.add_argument("--end", action="store_true",
-                    help="steer toward an ending: <D> in the last 130 positions (official force_end; "
-                         "a generatively finetuned model then ends with <E>)")
+                    help="steer toward an ending: <D> in the last 130 positions, or ~100 tokens before --seconds "
+                         "(official force_end; a generatively finetuned model then ends with <E>)")
     ap.add_argument("--no_grammar", action="store_true",
                     help="sample from the whole vocabulary, as the official code does (output may not decode)")
+    ap.add_argument("--seconds", type=float, default=None,
+                    help="end each continuation after this much music (<E> after the first note starting later)")
+
+
+def build_parser():
+    ap = Parser(prog="sample.py", description="Continue a MIDI prompt (or start from scratch) with an Aria model.",
+                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    ap.add_argument("prompt", nargs="?", default=None,
+                    help="MIDI file to continue; leave out to generate from scratch (piano prefix, <S>)")
+    ap.add_argument("--out", default="samples", help="output folder")
+    ap.add_argument("--prompt_seconds", type=float, default=15.0,
+                    help="continue the notes that start in the first this many seconds (paper §4)")
+    ap.add_argument("--variations", type=int, default=1,
+                    help="continuations, sampled as one batch (the paper's listening test used 8 per prompt)")
+    ap.add_argument("--length", type=int, default=2048,
+                    help="new tokens at most (official default); capped by the model's context minus the prompt")
+    add_model_args(ap)
+    add_sampling_args(ap)
+    ap.add_argument("--stream", action="store_true",
+                    help="print each new note (and pedal change) as a JSON line the moment it is decoded")
+    ap.add_argument("--port", default=None,
+                    help="also play the first continuation on this MIDI output port in real time, from the end "
+                         "of the prompt (needs python-rtmidi; `python live.py --list` names the ports)")
     ap.add_argument("--continuation_only", action="store_true",
                     help="write only the continuation, moved to start at 0 s")
     ap.add_argument("--plot", action="store_true", help="also write a piano-roll PNG (needs matplotlib)")
-    ap.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"],
-                    help="auto: cuda, else mps, else cpu")
-    ap.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
-                    help="weights and KV cache; auto: bfloat16 on CUDA, float32 elsewhere")
-    ap.add_argument("--quantize", default="none", choices=["none", "int8", "int4"],
-                    help="weights of the blocks and LM head at load: int8 per output channel, int4 in groups; "
-                         "CPU: 5-9x faster decoding (README, Performance); elsewhere dequantized in the matmul")
-    ap.add_argument("--group_size", type=int, default=64, help="int4: inputs per scale and offset")
-    ap.add_argument("--threads", type=int, default=0,
-                    help="torch CPU threads; 0 = torch's default (on a busy 2-core machine 1 is often faster)")
-    ap.add_argument("--compile", action="store_true",
-                    help="CUDA: torch.compile the model's forward (inductor; without --cuda_graph also "
-                         "its CUDA graphs); the first step pays for compiling")
-    ap.add_argument("--cuda_graph", action="store_true",
-                    help="CUDA: record the whole decode step once as a CUDA graph and replay it per token "
-                         "(same tokens as without; experimental: not yet run on a GPU)")
     return ap
 
 
@@ -494,6 +569,7 @@ def check_args(a):
         (a.top_p is not None and not 0 < a.top_p <= 1, f"--top_p must be in (0, 1] (got {a.top_p})"),
         (a.top_k < 0, f"--top_k must be >= 0 (got {a.top_k})"),
         (a.threads < 0, f"--threads must be >= 0 (got {a.threads})"),
+        (a.seconds is not None and a.seconds <= 0, f"--seconds must be > 0 (got {a.seconds})"),
     ]
     for bad, msg in problems:
         if bad:
@@ -584,10 +660,49 @@ def run(argv=None):
         print(f"note: --length {a.length} capped at {length} (context {model.config.max_seq_len} "
               f"minus the {len(ids)}-token prompt)")
 
-    stats, gpu = {}, device == "cuda"
-    rows = generate(model, ids, a.variations, length, a.temp, a.min_p, a.top_p, a.top_k, a.seed, a.end, device,
-                    grammar=not a.no_grammar, compile=a.compile and gpu, cuda_graph=a.cuda_graph and gpu,
-                    stats=stats, progress=lambda steps, total: print(f"  {steps}/{total} steps", flush=True))
+    stats, gpu, on_step, player = {}, device == "cuda", None, None
+    if a.stream or a.port:  # notes as they are decoded: JSON lines, and/or the first row played in real time
+        if a.port:
+            import live
+            try:
+                player = live.Player(live.open_port(a.port, "output"), live.Clock())
+            except live.LiveError as e:
+                raise Fail(str(e)) from None
+            _, _, last, segments = prompt_info(ids)  # the prompt's last onset plays "now"
+            origin = -(segments * T.SEGMENT_MS + (last - T.ONSET_START) * T.TIME_STEP_MS)
+        streams = [NoteStream(ids) for _ in range(a.variations)]
+
+        def on_step(i, toks):
+            if player and i == 0:  # the music starts with the first new token, not before the prefill
+                player.clock.start = time.perf_counter()
+            for row, (s, tok) in enumerate(zip(streams, toks), 1):
+                notes, changes = s.feed(tok)
+                for n in notes:
+                    if a.stream:
+                        print(json.dumps(dict(row=row, start_ms=n[0], end_ms=n[1], pitch=n[2], velocity=n[3],
+                                              channel=n[4])), flush=True)
+                    if player and row == 1:
+                        player.note(n[0] + origin, n[1] + origin, *n[2:])
+                for t, on in changes:
+                    if a.stream:
+                        print(json.dumps(dict(row=row, pedal_ms=t, on=on)), flush=True)
+                    if player and row == 1:
+                        player.pedal_change(t + origin, on)
+            return bool(player and player.error)
+    try:
+        rows = generate(model, ids, a.variations, length, a.temp, a.min_p, a.top_p, a.top_k, a.seed, a.end, device,
+                        grammar=not a.no_grammar, compile=a.compile and gpu, cuda_graph=a.cuda_graph and gpu,
+                        stats=stats, seconds=a.seconds, on_step=on_step,
+                        progress=lambda steps, total: print(f"  {steps}/{total} steps", flush=True))
+        while player and player.busy() and not player.error:  # the last notes play to the end
+            time.sleep(0.01)
+    finally:
+        if player:
+            stuck = player.close()
+            print(f"played {player.stats['notes']} notes on {a.port}: {player.stats['late']} late "
+                  f"(timeline moved {player.shift:.2f} s), {stuck} stuck")
+    if player and player.error:
+        raise Fail(f"{a.port}: {player.error}")
     print(f"generated {stats['new_tokens']} new tokens ({a.variations} x up to {length}) in "
           f"{stats['prefill_s'] + stats['decode_s']:.2f} s: {stats['tokens_per_s']:.1f} tokens/s; "
           f"first new token after {stats['first_token_s']:.2f} s, then {stats['step_s'] * 1e3:.2f} ms per step")
