@@ -312,7 +312,7 @@ class Duet:
         self.perf = Performance(self.pedal_mode)
         self.cached = []  # the tokens whose keys and values the KV cache holds, from position 0
         self.context = min(model.config.max_seq_len, a.context) - a.length - 8
-        self.first_notes, self.turns, self.last_key = [], 0, None
+        self.first_notes, self.turns, self.last_key, self.heard = [], 0, None, False  # heard: a key since the last turn
         self.device = model.model.tok_embeddings.weight.device
         model.setup_cache(1, min(model.config.max_seq_len, a.context), device=self.device)
 
@@ -324,7 +324,7 @@ class Duet:
             if self.a.echo:
                 self.player.echo(msg)
             if self.perf.human(msg, ms):
-                pressed, self.last_key = True, ms
+                pressed, self.last_key, self.heard = True, ms, True
             elif msg.type == "control_change" and msg.control == self.a.takeover_cc and msg.value >= 64:
                 takeover = True
             if not self.perf.held and msg.type in ("note_on", "note_off"):
@@ -344,16 +344,16 @@ class Duet:
 
     def listen(self):
         """Until the takeover; -> its time (ms), or None when a file has ended and was answered."""
-        last_prefill, heard = time.perf_counter(), False
+        last_prefill = time.perf_counter()
         while True:
-            pressed, takeover = self.poll()
-            heard |= pressed
-            now = self.clock.ms()
+            _, takeover = self.poll()
+            heard, now = self.heard, self.clock.ms()
             paused = self.a.pause and self.last_key is not None and not self.perf.held and \
                 now - self.last_key >= self.a.pause * 1000
             at_time = self.a.takeover is not None and now >= self.a.takeover * 1000 and self.turns == 0
             ended = getattr(self.human, "finished", False) and not self.perf.held  # a file is over
             if self.perf.origin is not None and (takeover or paused and heard or at_time or ended and heard):
+                self.heard = False
                 return now
             if ended:
                 return None
@@ -372,6 +372,7 @@ class Duet:
         same_segment = ids[body:].count(T.SEG_ID) == floor // T.SEGMENT_MS
         k = self.prefill(ids)
         stream, origin, interrupted = S.NoteStream(ids), perf.origin, []
+        length = min(a.length, self.model.model.encode_layers[0].kv_cache.k.shape[2] - len(ids))
 
         def on_step(i, toks):
             notes, changes = stream.feed(toks[0])
@@ -389,7 +390,7 @@ class Duet:
                     return False
                 time.sleep(0.002)
 
-        row = S.generate(self.model, ids, 1, a.length, a.temp, a.min_p, a.top_p, a.top_k, a.seed + self.turns,
+        row = S.generate(self.model, ids, 1, length, a.temp, a.min_p, a.top_p, a.top_k, a.seed + self.turns,
                          a.end, self.device, grammar=not a.no_grammar, seconds=a.seconds, on_step=on_step,
                          prefilled=k, min_onset_ms=floor % T.SEGMENT_MS if same_segment else 0,
                          compile=a.compile and self.device.type == "cuda",
@@ -403,6 +404,9 @@ class Duet:
             self.player.silence()
             now = self.clock.ms()
             perf.notes = [(s, min(e, now), p, v) for s, e, p, v in perf.notes if s < now]
+            perf.pedals = [(t, on) for t, on in perf.pedals if t < now]
+            if perf.pedals and perf.pedals[-1][1]:  # Aria's pedal was lifted with her notes
+                perf.pedals.append((now, 0))
             self.last_key = now
         return bool(interrupted)
 
