@@ -12,6 +12,7 @@ import bisect
 import hashlib
 import io
 import json
+import operator
 import os
 import sys
 
@@ -261,26 +262,6 @@ def load_midi(src):
 # -----------------------------------------------------------------------------
 # Tokenization (SPEC §A.4-A.6)
 
-def _normalize(score):
-    """Drop ignored-instrument channels; map channels to instrument classes (SPEC §A.4)."""
-    dropped = {ch for _, ch, prog in score.programs
-               if ch != DRUM_CHANNEL and PROGRAM_TO_CLASS[prog] not in INSTRUMENTS}
-    notes, pedals, programs = score.notes, score.pedals, score.programs
-    if dropped:
-        notes = [n for n in notes if n[4] not in dropped]
-        pedals = [p for p in pedals if p[1] not in dropped]
-        programs = [p for p in programs if p[1] not in dropped]
-    if not score.notes:
-        raise TokenizerError(f"{score.path}: no notes")
-    if not notes:
-        raise TokenizerError(f"{score.path}: all notes are on ignored instruments")
-    # the last program change per channel wins; channels with notes but no program are piano
-    channel_class = {ch: PROGRAM_TO_CLASS[prog] for _, ch, prog in programs if ch != DRUM_CHANNEL}
-    for ch in {n[4] for n in notes} - channel_class.keys() - {DRUM_CHANNEL}:
-        channel_class[ch] = "piano"
-    return notes, pedals, channel_class
-
-
 def tokenize(src, *, dim=True, eos=True, keep_silence=False, metadata=None, rng=None, pedal=False):
     """MIDI (anything load_midi takes) -> list of token ids.
 
@@ -295,14 +276,28 @@ def tokenize(src, *, dim=True, eos=True, keep_silence=False, metadata=None, rng=
                   with the notes (durations still hold the pedal). Piano only, as officially.
     """
     score = load_midi(src)
-    notes, pedals, channel_class = _normalize(score)
-    if pedal and set(channel_class.values()) != {"piano"}:
-        found = ", ".join(sorted(set(channel_class.values()) - {"piano"})) or "no piano"
+    if not score.notes:
+        raise TokenizerError(f"{score.path}: no notes")
+    # a channel with any program of an ignored class is dropped, pedals too (SPEC §A.4)
+    dropped = {ch for _, ch, prog in score.programs
+               if ch != DRUM_CHANNEL and PROGRAM_TO_CLASS[prog] not in INSTRUMENTS}
+    notes, pedals = score.notes, score.pedals
+    if dropped:
+        notes = [n for n in notes if n[4] not in dropped]
+        pedals = [p for p in pedals if p[1] not in dropped]
+    if not notes:
+        raise TokenizerError(f"{score.path}: all notes are on ignored instruments")
+    # the last program change per channel wins; channels with notes but no program are piano
+    channels = {n[4] for n in notes}
+    channel_class = {ch: PROGRAM_TO_CLASS[prog] for _, ch, prog in score.programs
+                     if ch != DRUM_CHANNEL and ch not in dropped}
+    channel_class.update((ch, "piano") for ch in channels - channel_class.keys() - {DRUM_CHANNEL})
+    classes = set(channel_class.values())
+    if pedal and classes != {"piano"}:
+        found = ", ".join(sorted(classes - {"piano"})) or "no piano"
         raise TokenizerError(f"{score.path}: pedal mode takes piano only, this file has {found}")
 
-    prefix = {INSTRUMENT_PREFIX_ID[c] for c in channel_class.values()}
-    if any(n[4] == DRUM_CHANNEL for n in notes):
-        prefix.add(INSTRUMENT_PREFIX_ID["drum"])
+    prefix = {INSTRUMENT_PREFIX_ID[c] for c in classes | ({"drum"} if DRUM_CHANNEL in channels else set())}
     prefix |= {TOKEN_TO_ID[("prefix", k, v)] for k, v in (metadata or {}).items()
                if k in ("composer", "form", "genre") and ("prefix", k, v) in TOKEN_TO_ID}
     prefix = sorted(prefix)
@@ -324,7 +319,7 @@ def tokenize(src, *, dim=True, eos=True, keep_silence=False, metadata=None, rng=
     events = notes
     if pedal:  # pedal changes as events (tick, None, on, 0, channel), after the notes at their tick
         own = _own_pedals(notes, pedals) if score.sliced else pedals
-        events = sorted(notes + [(t, None, on, 0, ch) for t, ch, on in own], key=lambda e: e[0])
+        events = sorted(notes + [(t, None, on, 0, ch) for t, ch, on in own], key=operator.itemgetter(0))
     origin = 0 if keep_silence else events[0][0]
     onsets = score.onsets_ms(origin, [e[0] for e in events])
 
@@ -440,18 +435,10 @@ def _events(ids, k=0):
             k += 1
 
 
-def detokenize_notes(ids):
+def detokenize_notes(ids, pedals=False):
     """ids (either mode) -> (notes, channel_programs); notes are (start_ms, end_ms, pitch, velocity,
-    channel). Notes of an instrument without a prefix are dropped, as officially."""
-    return _decode(ids)[:2]
-
-
-def detokenize_pedals(ids):
-    """Pedal-mode ids -> the sustain-pedal changes [(time_ms, on)] (written on channel 0, as officially)."""
-    return _decode(ids)[2]
-
-
-def _decode(ids):
+    channel). Notes of an instrument without a prefix are dropped, as officially. pedals=True adds
+    the pedal tokens' changes [(time_ms, on)] (written on channel 0, as officially) as a third item."""
     ids = [i if 0 <= i < PEDAL_VOCAB_SIZE else UNK_ID for i in map(int, ids)]
     channel_of = {}  # instrument prefixes before the first event: channels 0, 1, ... skipping 9 (drums)
     for i in ids:
@@ -462,7 +449,7 @@ def _decode(ids):
             n = sum(inst != "drum" for inst in channel_of)
             channel_of[tok[2]] = DRUM_CHANNEL if tok[2] == "drum" else n + (n >= DRUM_CHANNEL)
     programs = {ch: 0 if inst == "drum" else INSTRUMENT_PROGRAMS[inst] for inst, ch in channel_of.items()}
-    notes, pedals = [], []
+    notes, changes = [], []
     for start, i, dur in _events(ids):
         if dur is not None and VOCAB[i][0] in channel_of:
             inst, pitch, vel = VOCAB[i]
@@ -470,8 +457,8 @@ def _decode(ids):
         elif start is not None and TOKEN_CLASS[i] == DRUM and "drum" in channel_of:
             notes.append((start, start + TIME_STEP_MS, VOCAB[i][1], DRUM_VELOCITY, DRUM_CHANNEL))
         elif start is not None and TOKEN_CLASS[i] == PEDAL:
-            pedals.append((start, int(i == PED_ON_ID)))
-    return notes, programs, pedals
+            changes.append((start, int(i == PED_ON_ID)))
+    return (notes, programs, changes) if pedals else (notes, programs)
 
 
 def notes_to_midi(notes, programs, pedals=()):
@@ -505,7 +492,7 @@ def notes_to_midi(notes, programs, pedals=()):
 def detokenize(ids):
     """ids (either mode) -> mido.MidiFile (SPEC §A.7), pedal tokens as CC64 changes on channel 0.
     Incomplete events and unknown ids are skipped."""
-    return notes_to_midi(*_decode(ids))
+    return notes_to_midi(*detokenize_notes(ids, pedals=True))
 
 
 # -----------------------------------------------------------------------------

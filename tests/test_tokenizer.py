@@ -545,3 +545,4 @@ def test_cli_readable_json_and_errors(tmp_path):
     assert all("error" in d for d in lines[1:-1])
     r = run("--json", good)
     assert r.returncode == 0 and T.DIM_ID in json.loads(r.stdout)["ids"]
+
