@@ -131,6 +131,7 @@ def _closest(values, x):
 _ONSET_GRID = list(range(0, SEGMENT_MS, TIME_STEP_MS))  # lists: indexing a range is 3x slower at import
 _DUR_GRID = list(range(0, MAX_DUR_MS + 1, TIME_STEP_MS))
 ONSET_Q = [_closest(_ONSET_GRID, x) for x in range(SEGMENT_MS)]                      # ms in segment -> onset
+_ONSET_IDS = [ONSET_START + q // TIME_STEP_MS for q in ONSET_Q]                       # ms in segment -> its id
 DUR_Q = [max(_closest(_DUR_GRID, x), TIME_STEP_MS) for x in range(MAX_DUR_MS + 6)]   # ms -> dur (10..5000)
 VELOCITY_Q = [0] + [max(_closest(VELOCITIES, v), 10) for v in range(1, 128)]
 
@@ -333,7 +334,7 @@ def tokenize(src, *, dim=True, eos=True, keep_silence=False, metadata=None, rng=
         if seg > segment:
             body.extend([SEG_ID] * (seg - segment))
             segment = seg
-        onset = ONSET_START + ONSET_Q[t - seg * SEGMENT_MS] // TIME_STEP_MS
+        onset = _ONSET_IDS[t - seg * SEGMENT_MS]
         if ch == DRUM_CHANNEL:  # a pedal on channel 9 too, as <U> (official)
             body += (DRUM_START + pitch - 35 if 35 <= pitch <= 81 else UNK_ID, onset)
             continue
