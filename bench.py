@@ -241,7 +241,7 @@ def main():
     p.add_argument("--limit", type=int, default=None, help="use at most this many files")
     p.add_argument("--repeats", type=int, default=5, help="timed repeats (median reported)")
     p.add_argument("--pedal", action="store_true",
-                   help="also each tokenizer stage in pedal mode (official include_pedal), on the piano files it accepts")
+                   help="also each stage in pedal mode (official include_pedal), on the piano files it accepts")
     p.set_defaults(fn=bench_tokenizer)
     p = sub.add_parser("sample", help="new tokens/s of sample.py's decode loop",
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)

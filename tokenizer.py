@@ -1,7 +1,8 @@
 """
 Aria's MIDI tokenizer: MIDI (via mido) <-> token ids, exactly the ids of the official
 `ariautils.tokenizer.AbsTokenizer` that trained the released checkpoints (paper §3.1, SPEC §A;
-the token layout is in README). Also the augmentations, prompts and note slices of the stages.
+the token layout is in README), and of its pedal mode (`pedal=True`: the official include_pedal,
+the demo checkpoint's). Also the augmentations, prompts and note slices of the stages.
 `python tokenizer.py song.mid` prints readable tokens (--json: one line of ids per file).
 
 No torch here: data preparation runs this in many worker processes. It is much faster than
@@ -173,7 +174,7 @@ class Score:
 
     def with_notes(self, notes):
         """A copy holding only `notes` (pedals, tempos and programs shared): note slices."""
-        return Score(self.ticks_per_beat, notes, self.tempos, self.programs, self.pedals, self.path, True)
+        return Score(self.ticks_per_beat, notes, self.tempos, self.programs, self.pedals, self.path, sliced=True)
 
     def duration_ms(self, start, end):
         """ms from tick `start` to tick `end` (the first tempo also covers ticks before it, as officially)."""

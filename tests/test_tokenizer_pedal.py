@@ -109,7 +109,8 @@ def test_pedal_tokens_by_construction():
         [x for x in msgs if x[0] <= 100]) - 1
     assert T.tokenize(to_bytes(mid), dim=False, pedal=True) == ids
     # a press before the first note sets the origin (as officially); without keep_silence the note is at 300
-    early = T.tokenize(midi_bytes([(500, 700, 60, 80, 0)], pedals=[(200, 0, 127), (900, 0, 0)]), dim=False, pedal=True)
+    early = midi_bytes([(500, 700, 60, 80, 0)], pedals=[(200, 0, 127), (900, 0, 0)])
+    early = T.tokenize(early, dim=False, pedal=True)
     assert early == [PIANO, T.BOS_ID, T.PED_ON_ID, on(0), T.note_id("piano", 60, 80), on(300), dur(400),
                      T.PED_OFF_ID, on(700), T.EOS_ID]
     # official quirk: a pedal on the drum channel takes the drum path, a drum without a pitch: <U>
