@@ -1,7 +1,7 @@
 """
 The performance figures that README reports, one subcommand per component.
 
-    python bench.py tokenizer [FILES_OR_DIRS...]   # notes/s: mido parse vs our parse+tokenize, etc.
+    python bench.py tokenizer [FILES_OR_DIRS...] [--pedal]   # notes/s: mido parse vs parse+tokenize, etc.
     python bench.py quality --ckpt out/pretrain --data data/real --quantize int4   # KL, top-1, loss vs float32
     python bench.py train --preset tiny --data data/synthetic   # fwd+bwd tokens/s, MFU; data loader tokens/s
     python bench.py sample --preset medium --quantize none,int8,int4   # ms/step, tokens/s, share of the bandwidth floor
@@ -39,6 +39,9 @@ def timed(fn, repeats):
 
 
 def bench_tokenizer(args):
+    """Each stage over the whole file set, every stage once per repeat in turn (side by side on a
+    busy machine); --pedal adds the pedal-mode twin of each tokenizer stage, on the piano files
+    that mode accepts (all rows then use those files)."""
     import mido
     import tokenizer as T
 
@@ -49,27 +52,46 @@ def bench_tokenizer(args):
     data = [f.read_bytes() for f in files]  # from memory: measure parsing, not the disk
     import io
     scores = [T.load_midi(d) for d in data]
+    if args.pedal:
+        def accepted(s):
+            try:
+                return bool(T.tokenize(s, pedal=True))
+            except T.TokenizerError:
+                return False
+        keep = [accepted(s) for s in scores]
+        data, scores = [d for d, k in zip(data, keep) if k], [s for s, k in zip(scores, keep) if k]
+        print(f"pedal mode: {len(scores)} of {len(files)} files (it takes piano only)")
     n_notes = sum(len(s.notes) for s in scores)
     ids = [T.tokenize(s) for s in scores]
-    n_tokens = sum(map(len, ids))
+    ped = [T.tokenize(s, pedal=True) for s in scores] if args.pedal else []
     rng = random.Random(0)
 
     rows = [
         ("mido.MidiFile (parse only)", lambda: [mido.MidiFile(file=io.BytesIO(d)) for d in data]),
         ("load_midi (parse + pair notes)", lambda: [T.load_midi(d) for d in data]),
         ("tokenize (from a parsed Score)", lambda: [T.tokenize(s) for s in scores]),
+        (" pedal mode", lambda: [T.tokenize(s, pedal=True) for s in scores]),
         ("load_midi + tokenize", lambda: [T.tokenize(T.load_midi(d)) for d in data]),
+        (" pedal mode", lambda: [T.tokenize(T.load_midi(d), pedal=True) for d in data]),
         ("detokenize_notes", lambda: [T.detokenize_notes(x) for x in ids]),
+        (" pedal mode", lambda: [T.detokenize_notes(x, pedals=True) for x in ped]),
         ("detokenize -> MidiFile", lambda: [T.detokenize(x) for x in ids]),
+        (" pedal mode", lambda: [T.detokenize(x) for x in ped]),
         ("augment (tempo+pitch+velocity)", lambda: [T.augment(x, rng) for x in ids]),
+        (" pedal mode", lambda: [T.augment(x, rng) for x in ped]),
     ]
-    print(f"tokenizer: {len(files)} files, {n_notes:,} notes, {n_tokens:,} tokens; median of {args.repeats}")
+    rows = [r for r in rows if args.pedal or r[0] != " pedal mode"]
+    times = [[] for _ in rows]
+    for _ in range(args.repeats):
+        for (_, fn), t in zip(rows, times):
+            t.append(timed(fn, 1))
+    n_tokens = f"{sum(map(len, ids)):,} tokens" + (f" ({sum(map(len, ped)):,} in pedal mode)" if args.pedal else "")
+    print(f"tokenizer: {len(scores)} files, {n_notes:,} notes, {n_tokens}; median of {args.repeats}")
     print(f"{'stage':34s} {'ms':>9s} {'files/s':>9s} {'notes/s':>10s} {'× mido':>7s}")
-    base = None
-    for name, fn in rows:
-        t = timed(fn, args.repeats)
-        base = base or t
-        print(f"{name:34s} {t * 1e3:9.1f} {len(files) / t:9.1f} {n_notes / t:10,.0f} {t / base:7.2f}")
+    base = statistics.median(times[0])
+    for (name, _), t in zip(rows, times):
+        t = statistics.median(t)
+        print(f"{name:34s} {t * 1e3:9.1f} {len(scores) / t:9.1f} {n_notes / t:10,.0f} {t / base:7.2f}")
 
 
 def device_name(device):
@@ -307,6 +329,8 @@ def main():
     p.add_argument("paths", nargs="*", help="MIDI files or folders (default: ../shared/aria/midi)")
     p.add_argument("--limit", type=int, default=None, help="use at most this many files")
     p.add_argument("--repeats", type=int, default=5, help="timed repeats (median reported)")
+    p.add_argument("--pedal", action="store_true",
+                   help="also each stage in pedal mode (official include_pedal), on the piano files it accepts")
     p.set_defaults(fn=bench_tokenizer)
     p = sub.add_parser("sample", help="new tokens/s of sample.py's decode loop",
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)

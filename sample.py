@@ -69,7 +69,7 @@ def _tables():
     after each token. Tokens the grammar forbids (possible in a user's prompt or with
     grammar=False) still lead to the nearest sensible state."""
     V = T.VOCAB_SIZE
-    cls = torch.from_numpy(T.TOKEN_CLASS.astype("int64"))
+    cls = torch.from_numpy(T.TOKEN_CLASS[:V].astype("int64"))  # the default vocabulary
     ids = torch.arange(V)
     note_ok = (cls == T.NOTE) & ((ids - T.NOTE_START) % 13 != 0)   # velocity 0 excluded
     boundary = note_ok | (cls == T.DRUM)

@@ -1,7 +1,8 @@
 """
 Aria's MIDI tokenizer: MIDI (via mido) <-> token ids, exactly the ids of the official
 `ariautils.tokenizer.AbsTokenizer` that trained the released checkpoints (paper §3.1, SPEC §A;
-the token layout is in README). Also the augmentations, prompts and note slices of the stages.
+the token layout is in README), and of its pedal mode (`pedal=True`: the official include_pedal,
+the demo checkpoint's). Also the augmentations, prompts and note slices of the stages.
 `python tokenizer.py song.mid` prints readable tokens (--json: one line of ids per file).
 
 No torch here: data preparation runs this in many worker processes. It is much faster than
@@ -12,6 +13,7 @@ import bisect
 import hashlib
 import io
 import json
+import operator
 import os
 import sys
 
@@ -60,9 +62,14 @@ VOCAB += [("drum", p) for p in range(35, 82)]
 VOCAB += [("dur", d) for d in range(0, MAX_DUR_MS + 1, TIME_STEP_MS)]
 VOCAB += [("onset", o) for o in range(0, SEGMENT_MS, TIME_STEP_MS)]
 VOCAB_SIZE = len(VOCAB)  # 17727
+# pedal mode (official include_pedal; the demo checkpoint): two tokens appended, 17729 ids
+PED_ON_ID, PED_OFF_ID = VOCAB_SIZE, VOCAB_SIZE + 1
+VOCAB += ["<PED_ON>", "<PED_OFF>"]
+PEDAL_VOCAB_SIZE = len(VOCAB)
 TOKEN_TO_ID = {tok: i for i, tok in enumerate(VOCAB)}
-# checkpoints store this, so a model is never paired with a different vocabulary
-VOCAB_HASH = hashlib.sha256(json.dumps(VOCAB, ensure_ascii=False).encode()).hexdigest()[:16]
+# checkpoints and datasets store these, so a model is never paired with a different vocabulary
+VOCAB_HASH, PEDAL_VOCAB_HASH = (hashlib.sha256(json.dumps(VOCAB[:n], ensure_ascii=False).encode()).hexdigest()[:16]
+                                for n in (VOCAB_SIZE, PEDAL_VOCAB_SIZE))
 
 PREFIX_START = 6
 NOTE_START = TOKEN_TO_ID[("piano", 0, 0)]          # 39
@@ -73,9 +80,17 @@ ONSET_START = TOKEN_TO_ID[("onset", 0)]            # 17227
 INSTRUMENT_PREFIX_ID = {x: TOKEN_TO_ID[("prefix", "instrument", x)] for x in INSTRUMENTS + ["drum"]}
 
 # token classes (grammar-constrained sampling, augmentations): each over its ids, in vocabulary order
-SPECIAL, PREFIX, NOTE, DRUM, ONSET, DUR = range(6)
-TOKEN_CLASS = np.repeat(np.array([SPECIAL, PREFIX, NOTE, DRUM, DUR, ONSET], dtype=np.uint8),
-                        np.diff([0, PREFIX_START, NOTE_START, DRUM_START, DUR_START, ONSET_START, VOCAB_SIZE]))
+SPECIAL, PREFIX, NOTE, DRUM, ONSET, DUR, PEDAL = range(7)
+TOKEN_CLASS = np.repeat(np.array([SPECIAL, PREFIX, NOTE, DRUM, DUR, ONSET, PEDAL], dtype=np.uint8), np.diff(
+    [0, PREFIX_START, NOTE_START, DRUM_START, DUR_START, ONSET_START, VOCAB_SIZE, PEDAL_VOCAB_SIZE]))
+
+
+_CLASS = TOKEN_CLASS.tolist()  # for Python loops: a list lookup is several times faster than numpy's
+
+
+def is_pedal(ids):
+    """Whether ids hold pedal tokens, so only a pedal-mode model (PEDAL_VOCAB_SIZE) can read them."""
+    return len(ids) > 0 and int(np.max(ids)) >= VOCAB_SIZE
 
 
 def note_id(instrument, pitch, velocity):
@@ -92,7 +107,7 @@ def dur_id(ms):
 
 def token_str(i):
     """A compact readable form of one id: 'piano:60:80', 'onset:120', '<T>'."""
-    tok = VOCAB[i] if 0 <= i < VOCAB_SIZE else "<U>"
+    tok = VOCAB[i] if 0 <= i < PEDAL_VOCAB_SIZE else "<U>"
     return tok if isinstance(tok, str) else ":".join(str(x) for x in tok)
 
 
@@ -117,6 +132,7 @@ def _closest(values, x):
 _ONSET_GRID = list(range(0, SEGMENT_MS, TIME_STEP_MS))  # lists: indexing a range is 3x slower at import
 _DUR_GRID = list(range(0, MAX_DUR_MS + 1, TIME_STEP_MS))
 ONSET_Q = [_closest(_ONSET_GRID, x) for x in range(SEGMENT_MS)]                      # ms in segment -> onset
+_ONSET_IDS = [ONSET_START + q // TIME_STEP_MS for q in ONSET_Q]                       # ms in segment -> its id
 DUR_Q = [max(_closest(_DUR_GRID, x), TIME_STEP_MS) for x in range(MAX_DUR_MS + 6)]   # ms -> dur (10..5000)
 VELOCITY_Q = [0] + [max(_closest(VELOCITIES, v), 10) for v in range(1, 128)]
 
@@ -145,19 +161,20 @@ class Score:
     tokenizer bit for bit where it is right; its multi-tempo bug (SPEC §A.3) is not copied.
     """
 
-    def __init__(self, ticks_per_beat, notes, tempos, programs, pedals, path=""):
+    def __init__(self, ticks_per_beat, notes, tempos, programs, pedals, path="", sliced=False):
         self.ticks_per_beat = ticks_per_beat
         self.notes = notes
         self.tempos = tempos or [(0, DEFAULT_TEMPO)]
         self.programs = programs or [(0, 0, 0)]
         self.pedals = pedals
         self.path = path
+        self.sliced = sliced  # part of a file: its pedal tokens are its own (_own_pedals)
         self._ticks = [t for t, _ in self.tempos]
         self._scales = [tempo * 1e-6 / ticks_per_beat for _, tempo in self.tempos]  # mido.tick2second's
 
     def with_notes(self, notes):
-        """A copy holding only `notes` (pedals, tempos and programs shared): slices and prompts."""
-        return Score(self.ticks_per_beat, notes, self.tempos, self.programs, self.pedals, self.path)
+        """A copy holding only `notes` (pedals, tempos and programs shared): note slices."""
+        return Score(self.ticks_per_beat, notes, self.tempos, self.programs, self.pedals, self.path, sliced=True)
 
     def duration_ms(self, start, end):
         """ms from tick `start` to tick `end` (the first tempo also covers ticks before it, as officially)."""
@@ -250,27 +267,7 @@ def load_midi(src):
 # -----------------------------------------------------------------------------
 # Tokenization (SPEC §A.4-A.6)
 
-def _normalize(score):
-    """Drop ignored-instrument channels; map channels to instrument classes (SPEC §A.4)."""
-    dropped = {ch for _, ch, prog in score.programs
-               if ch != DRUM_CHANNEL and PROGRAM_TO_CLASS[prog] not in INSTRUMENTS}
-    notes, pedals, programs = score.notes, score.pedals, score.programs
-    if dropped:
-        notes = [n for n in notes if n[4] not in dropped]
-        pedals = [p for p in pedals if p[1] not in dropped]
-        programs = [p for p in programs if p[1] not in dropped]
-    if not score.notes:
-        raise TokenizerError(f"{score.path}: no notes")
-    if not notes:
-        raise TokenizerError(f"{score.path}: all notes are on ignored instruments")
-    # the last program change per channel wins; channels with notes but no program are piano
-    channel_class = {ch: PROGRAM_TO_CLASS[prog] for _, ch, prog in programs if ch != DRUM_CHANNEL}
-    for ch in {n[4] for n in notes} - channel_class.keys() - {DRUM_CHANNEL}:
-        channel_class[ch] = "piano"
-    return notes, pedals, channel_class
-
-
-def tokenize(src, *, dim=True, eos=True, keep_silence=False, metadata=None, rng=None):
+def tokenize(src, *, dim=True, eos=True, keep_silence=False, metadata=None, rng=None, pedal=False):
     """MIDI (anything load_midi takes) -> list of token ids.
 
     dim:          insert <D> ~100 tokens before the end (SPEC §A.6; official default True)
@@ -279,13 +276,33 @@ def tokenize(src, *, dim=True, eos=True, keep_silence=False, metadata=None, rng=
     metadata:     {"composer"|"form"|"genre": name} adds those prefix tokens when the name is known
     rng:          a random.Random shuffles the prefix and draws the <D> offset (-100 ± 10) as the
                   official tokenizer does; None: prefix in id order, <D> exactly 100 from the end
+    pedal:        the official include_pedal mode (PEDAL_VOCAB_SIZE; the demo checkpoint's): each
+                  sustain-pedal message also becomes <PED_ON>/<PED_OFF> + its onset, in time order
+                  with the notes (durations still hold the pedal). Piano only, as officially.
     """
     score = load_midi(src)
-    notes, pedals, channel_class = _normalize(score)
+    if not score.notes:
+        raise TokenizerError(f"{score.path}: no notes")
+    # a channel with any program of an ignored class is dropped, pedals too (SPEC §A.4)
+    dropped = {ch for _, ch, prog in score.programs
+               if ch != DRUM_CHANNEL and PROGRAM_TO_CLASS[prog] not in INSTRUMENTS}
+    notes, pedals = score.notes, score.pedals
+    if dropped:
+        notes = [n for n in notes if n[4] not in dropped]
+        pedals = [p for p in pedals if p[1] not in dropped]
+    if not notes:
+        raise TokenizerError(f"{score.path}: all notes are on ignored instruments")
+    # the last program change per channel wins; channels with notes but no program are piano
+    channels = {n[4] for n in notes}
+    channel_class = {ch: PROGRAM_TO_CLASS[prog] for _, ch, prog in score.programs
+                     if ch != DRUM_CHANNEL and ch not in dropped}
+    channel_class.update((ch, "piano") for ch in channels - channel_class.keys() - {DRUM_CHANNEL})
+    classes = set(channel_class.values())
+    if pedal and classes != {"piano"}:
+        found = ", ".join(sorted(classes - {"piano"})) or "no piano"
+        raise TokenizerError(f"{score.path}: pedal mode takes piano only, this file has {found}")
 
-    prefix = {INSTRUMENT_PREFIX_ID[c] for c in channel_class.values()}
-    if any(n[4] == DRUM_CHANNEL for n in notes):
-        prefix.add(INSTRUMENT_PREFIX_ID["drum"])
+    prefix = {INSTRUMENT_PREFIX_ID[c] for c in classes | ({"drum"} if DRUM_CHANNEL in channels else set())}
     prefix |= {TOKEN_TO_ID[("prefix", k, v)] for k, v in (metadata or {}).items()
                if k in ("composer", "form", "genre") and ("prefix", k, v) in TOKEN_TO_ID}
     prefix = sorted(prefix)
@@ -304,19 +321,26 @@ def tokenize(src, *, dim=True, eos=True, keep_silence=False, metadata=None, rng=
             ends.append(tick)
     class_base = {ch: NOTE_START + INSTRUMENTS.index(c) * NOTES_PER_INSTRUMENT
                   for ch, c in channel_class.items()}
-    origin = 0 if keep_silence else notes[0][0]
-    onsets = score.onsets_ms(origin, [n[0] for n in notes])
+    events = notes
+    if pedal:  # pedal changes as events (tick, None, on, 0, channel), after the notes at their tick
+        own = _own_pedals(notes, pedals) if score.sliced else pedals
+        events = sorted(notes + [(t, None, on, 0, ch) for t, ch, on in own], key=operator.itemgetter(0))
+    origin = 0 if keep_silence else events[0][0]
+    onsets = score.onsets_ms(origin, [e[0] for e in events])
 
     body = []
     segment = 0
-    for (start, end, pitch, vel, ch), t in zip(notes, onsets):
+    for (start, end, pitch, vel, ch), t in zip(events, onsets):
         seg = t // SEGMENT_MS
         if seg > segment:
             body.extend([SEG_ID] * (seg - segment))
             segment = seg
-        onset = ONSET_START + ONSET_Q[t - seg * SEGMENT_MS] // TIME_STEP_MS
-        if ch == DRUM_CHANNEL:
+        onset = _ONSET_IDS[t - seg * SEGMENT_MS]
+        if ch == DRUM_CHANNEL:  # a pedal on channel 9 too, as <U> (official)
             body += (DRUM_START + pitch - 35 if 35 <= pitch <= 81 else UNK_ID, onset)
+            continue
+        if end is None:
+            body += (PED_OFF_ID - pitch, onset)
             continue
         iv = intervals.get(ch)
         if iv is not None:
@@ -333,6 +357,18 @@ def tokenize(src, *, dim=True, eos=True, keep_silence=False, metadata=None, rng=
     return prefix + [BOS_ID] + body + ([EOS_ID] if eos else [])
 
 
+def _own_pedals(notes, pedals):
+    """A note slice's own pedal changes (pedal mode): a pedal held at its first onset pressed there,
+    the changes up to its last note-off, and the release of a pedal still held then."""
+    lo, hi = notes[0][0], max(n[1] for n in notes)
+    k, j = bisect.bisect_left(pedals, (lo,)), bisect.bisect_right(pedals, (hi, 16))  # by tick
+    own = [(lo,) + pedals[k - 1][1:]] if k and pedals[k - 1][2] else []
+    own += pedals[k:j]
+    if own and own[-1][2]:
+        own += next(([p] for p in pedals[j:] if not p[2]), [])
+    return own
+
+
 def insert_dim(body, offset=-100):
     """Insert <D> at `offset` from the end, moved back to the start of the event it would split."""
     offset -= {ONSET: 1, DUR: 2}.get(TOKEN_CLASS[body[offset]], 0)  # how far into its event
@@ -343,9 +379,10 @@ def insert_dim(body, offset=-100):
 # -----------------------------------------------------------------------------
 # Helpers for the stages: prompts, note slices
 
-def prompt(src, seconds=15.0):
+def prompt(src, seconds=15.0, pedal=False):
     """Prompt ids for generation: the notes starting in the first `seconds` (SPEC §D.1), durations
-    whole, a pedal press still held at the cut dropped; no notes gives the from-scratch `piano <S>`."""
+    whole, the pedal messages up to the cut but for a last press (so a pedal held at the cut is
+    released at the last note's end); no notes gives the from-scratch `piano <S>`."""
     score = load_midi(src)
     limit = seconds * 1000
     notes = [n for n in score.notes if score.duration_ms(0, n[0]) <= limit]
@@ -355,14 +392,14 @@ def prompt(src, seconds=15.0):
     if pedals and pedals[-1][2] == 1:
         pedals.pop()
     return tokenize(Score(score.ticks_per_beat, notes, score.tempos, score.programs, pedals, score.path),
-                    dim=False, eos=False)
+                    dim=False, eos=False, pedal=pedal)
 
 
-def note_chunks(src, notes_per_chunk=300, max_len=2048):
+def note_chunks(src, notes_per_chunk=300, max_len=2048, pedal=False):
     """Consecutive `notes_per_chunk`-note slices, each tokenized without <D>, cut to max_len
     and ending in <E>: exactly what the official embedding API feeds the model (SPEC §D.4)."""
     score = load_midi(src)
-    chunks = [tokenize(score.with_notes(score.notes[i:i + notes_per_chunk]), dim=False)[:max_len]
+    chunks = [tokenize(score.with_notes(score.notes[i:i + notes_per_chunk]), dim=False, pedal=pedal)[:max_len]
               for i in range(0, len(score.notes), notes_per_chunk)]
     for ids in chunks:
         ids[-1] = EOS_ID
@@ -383,17 +420,18 @@ def random_slice(src, rng, min_notes=100, max_notes=650):
 
 def _events(ids, k=0):
     """Walk ids[k:] (ints in range): (time_ms, token, dur_ms) for a note, (time_ms, token, None) for a
-    drum hit, (None, token, None) for any other token. <U> + onset, no dur, is a drum outside 35..81:
-    the official augmentation, working on tokens, keeps it as a drum hit, and so do we."""
-    n, base = len(ids), 0
+    drum hit or pedal change, (None, token, None) for any other token. <U> + onset, no dur, is a
+    drum outside 35..81: the official augmentation, working on tokens, keeps it as a drum hit, and
+    so do we."""
+    n, base, cls_of = len(ids), 0, _CLASS
     while k < n:
         i = ids[k]
-        cls = TOKEN_CLASS[i]
-        if cls == NOTE and k + 2 < n and TOKEN_CLASS[ids[k + 1]] == ONSET and TOKEN_CLASS[ids[k + 2]] == DUR:
+        cls = cls_of[i]
+        if cls == NOTE and k + 2 < n and cls_of[ids[k + 1]] == ONSET and cls_of[ids[k + 2]] == DUR:
             yield base + (ids[k + 1] - ONSET_START) * TIME_STEP_MS, i, (ids[k + 2] - DUR_START) * TIME_STEP_MS
             k += 3
-        elif (cls == DRUM or (i == UNK_ID and (k + 2 >= n or TOKEN_CLASS[ids[k + 2]] != DUR))) \
-                and k + 1 < n and TOKEN_CLASS[ids[k + 1]] == ONSET:
+        elif (cls == DRUM or cls == PEDAL or (i == UNK_ID and (k + 2 >= n or cls_of[ids[k + 2]] != DUR))) \
+                and k + 1 < n and cls_of[ids[k + 1]] == ONSET:
             yield base + (ids[k + 1] - ONSET_START) * TIME_STEP_MS, i, None
             k += 2
         else:
@@ -403,10 +441,11 @@ def _events(ids, k=0):
             k += 1
 
 
-def detokenize_notes(ids):
-    """ids -> (notes, channel_programs); notes are (start_ms, end_ms, pitch, velocity, channel).
-    Notes of an instrument without a prefix are dropped, as officially."""
-    ids = [i if 0 <= i < VOCAB_SIZE else UNK_ID for i in map(int, ids)]
+def detokenize_notes(ids, pedals=False):
+    """ids (either mode) -> (notes, channel_programs); notes are (start_ms, end_ms, pitch, velocity,
+    channel). Notes of an instrument without a prefix are dropped, as officially. pedals=True adds
+    the pedal tokens' changes [(time_ms, on)] (written on channel 0, as officially) as a third item."""
+    ids = [i if 0 <= i < PEDAL_VOCAB_SIZE else UNK_ID for i in map(int, ids)]
     channel_of = {}  # instrument prefixes before the first event: channels 0, 1, ... skipping 9 (drums)
     for i in ids:
         if TOKEN_CLASS[i] not in (SPECIAL, PREFIX):
@@ -416,18 +455,23 @@ def detokenize_notes(ids):
             n = sum(inst != "drum" for inst in channel_of)
             channel_of[tok[2]] = DRUM_CHANNEL if tok[2] == "drum" else n + (n >= DRUM_CHANNEL)
     programs = {ch: 0 if inst == "drum" else INSTRUMENT_PROGRAMS[inst] for inst, ch in channel_of.items()}
-    notes = []
+    notes, changes = [], []
     for start, i, dur in _events(ids):
         if dur is not None and VOCAB[i][0] in channel_of:
             inst, pitch, vel = VOCAB[i]
             notes.append((start, start + dur, pitch, vel, channel_of[inst]))
-        elif start is not None and TOKEN_CLASS[i] == DRUM and "drum" in channel_of:
+        elif start is None:
+            continue
+        elif i >= PED_ON_ID:
+            changes.append((start, int(i == PED_ON_ID)))
+        elif _CLASS[i] == DRUM and "drum" in channel_of:
             notes.append((start, start + TIME_STEP_MS, VOCAB[i][1], DRUM_VELOCITY, DRUM_CHANNEL))
-    return notes, programs
+    return (notes, programs, changes) if pedals else (notes, programs)
 
 
-def notes_to_midi(notes, programs):
-    """Notes in ms -> a type-0 mido.MidiFile with 500 ticks per beat at 120 bpm (1 tick = 1 ms)."""
+def notes_to_midi(notes, programs, pedals=()):
+    """Notes in ms (and pedal changes (ms, on)) -> a type-0 mido.MidiFile with 500 ticks per beat at
+    120 bpm (1 tick = 1 ms)."""
     # MIDI can't overlap a pitch on a channel: a note struck again is cut short there (one cut to
     # zero length is still written, as officially: it reparses as a re-strike)
     notes = sorted(notes, key=lambda n: (n[4], n[2], n[0], n[1]))  # by channel, pitch, time
@@ -435,7 +479,8 @@ def notes_to_midi(notes, programs):
         prev, cur = notes[k - 1], notes[k]
         if prev[4] == cur[4] and prev[2] == cur[2] and prev[1] > cur[0]:
             notes[k - 1] = (prev[0], cur[0]) + prev[2:]
-    events = []  # (tick, order, channel, pitch, velocity): at equal ticks note-offs come before note-ons
+    # (tick, order, channel, pitch or 64, velocity or CC value): at equal ticks note-offs, note-ons, pedal
+    events = [(t, 2, 0, 64, 127 * on) for t, on in pedals]
     for start, end, pitch, vel, ch in notes:
         events += [(start, 1, ch, pitch, vel), (end, 0, ch, pitch, 0)]
     events.sort(key=lambda e: (e[0], e[1]))
@@ -444,16 +489,18 @@ def notes_to_midi(notes, programs):
     track += [mido.Message("program_change", channel=ch, program=p, time=0)
               for ch, p in sorted(programs.items()) if ch != DRUM_CHANNEL]
     now = 0
-    for tick, _, ch, pitch, vel in events:
-        track.append(mido.Message("note_on", channel=ch, note=pitch, velocity=vel, time=tick - now))
+    for tick, order, ch, a, b in events:
+        track.append(mido.Message("note_on", channel=ch, note=a, velocity=b, time=tick - now) if order < 2
+                     else mido.Message("control_change", channel=ch, control=a, value=b, time=tick - now))
         now = tick
     track.append(mido.MetaMessage("end_of_track", time=0))
     return mido.MidiFile(type=0, ticks_per_beat=500, tracks=[track])
 
 
 def detokenize(ids):
-    """ids -> mido.MidiFile (SPEC §A.7). Incomplete events and unknown ids are skipped."""
-    return notes_to_midi(*detokenize_notes(ids))
+    """ids (either mode) -> mido.MidiFile (SPEC §A.7), pedal tokens as CC64 changes on channel 0.
+    Incomplete events and unknown ids are skipped."""
+    return notes_to_midi(*detokenize_notes(ids, pedals=True))
 
 
 # -----------------------------------------------------------------------------
@@ -560,7 +607,7 @@ def fit_length(ids, length):
 # CLI
 
 def _readable(ids):
-    """One line per event (note or drum with its onset and dur), one per other token."""
+    """One line per event (note, drum or pedal with its onset and dur), one per other token."""
     lines, in_event = [], False
     for i in ids:
         cls = TOKEN_CLASS[i]
@@ -568,7 +615,7 @@ def _readable(ids):
             lines[-1] += " " + token_str(i)
         else:
             lines.append(token_str(i))
-            in_event = cls in (NOTE, DRUM, ONSET, DUR)
+            in_event = cls in (NOTE, DRUM, PEDAL, ONSET, DUR)
     return "\n".join(lines)
 
 
@@ -579,11 +626,12 @@ def main(argv=None):
     ap.add_argument("files", nargs="+", help="MIDI files")
     ap.add_argument("--json", action="store_true", help='one JSON line per file: {"file", "ids"} or {"file", "error"}')
     ap.add_argument("--no-dim", dest="dim", action="store_false", help="leave out the <D> token")
+    ap.add_argument("--pedal", action="store_true", help="pedal mode (official include_pedal; piano only)")
     args = ap.parse_args(argv)
     failed = 0
     for path in args.files:
         try:
-            ids = tokenize(path, dim=args.dim)
+            ids = tokenize(path, dim=args.dim, pedal=args.pedal)
             print(json.dumps({"file": path, "ids": ids}) if args.json else f"# {path}: {len(ids)} tokens\n{_readable(ids)}",
                   flush=True)
         except TokenizerError as e:

@@ -28,11 +28,16 @@ def numbers(text):
 def test_bench_tokenizer(tmp_path):
     for k in range(3):
         notes = [(i * 200, i * 200 + 300, 40 + (i * 5 + k) % 48, 70, 0) for i in range(50 + 10 * k)]
-        T.notes_to_midi(notes, {0: 0}).save(str(tmp_path / f"{k}.mid"))
+        T.notes_to_midi(notes, {0: 0}, pedals=[(1000, 1), (2500, 0)]).save(str(tmp_path / f"{k}.mid"))
     out = bench("tokenizer", tmp_path, "--repeats", "1")
-    assert "3 files, 180 notes" in out
+    assert "3 files, 180 notes" in out and "pedal mode" not in out
     stages = [line for line in out.splitlines() if "load_midi + tokenize" in line or "detokenize" in line]
     assert len(stages) == 3 and all(len(numbers(s)) >= 4 and min(numbers(s)) > 0 for s in stages), out
+    out = bench("tokenizer", tmp_path, "--repeats", "1", "--pedal")  # each tokenizer stage's pedal-mode twin
+    m = re.search(r"3 files, 180 notes, " + NUMBER + " tokens \\(" + NUMBER + " in pedal mode\\)", out)
+    assert m and numbers(m.group(2)) == [numbers(m.group(1))[0] + 3 * 2 * 2], out  # two pedal events per file
+    twins = [line for line in out.splitlines() if line.startswith(" pedal mode")]
+    assert len(twins) == 5 and all(min(numbers(s)) > 0 for s in twins), out
 
 
 def test_bench_sample():

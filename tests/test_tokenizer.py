@@ -35,7 +35,10 @@ def same_up_to_prefix_order(ids, ref, n_prefix):
 def test_vocab_and_quantizers_match_official():
     v = golden("vocab.json")
     assert T.VOCAB_SIZE == v["vocab_size"] == 17727 and T.PAD_ID == v["pad_id"]
-    assert [list(t) if isinstance(t, tuple) else t for t in T.VOCAB] == v["tokens"]
+    assert [list(t) if isinstance(t, tuple) else t for t in T.VOCAB[:T.VOCAB_SIZE]] == v["tokens"]
+    # pedal mode appends two tokens (SPEC §A.1, §G.19)
+    assert T.VOCAB[T.VOCAB_SIZE:] == ["<PED_ON>", "<PED_OFF>"] and (T.PED_ON_ID, T.PED_OFF_ID) == (17727, 17728)
+    assert T.PEDAL_VOCAB_SIZE == len(T.TOKEN_CLASS) == 17729
     q = golden("quantizers.json")
     assert T.VELOCITY_Q == q["velocity"]
     assert T.ONSET_Q == q["onset_ms_0_to_4999"]
@@ -467,7 +470,8 @@ def test_token_classes_and_strings():
     assert T.TOKEN_CLASS[T.onset_id(4990)] == T.ONSET and T.TOKEN_CLASS[T.dur_id(5000)] == T.DUR
     assert T.token_str(T.note_id("piano", 60, 80)) == "piano:60:80" and T.token_str(T.SEG_ID) == "<T>"
     kind = {"prefix": T.PREFIX, "drum": T.DRUM, "onset": T.ONSET, "dur": T.DUR}
-    want = [T.SPECIAL if isinstance(tok, str) else kind.get(tok[0], T.NOTE) for tok in T.VOCAB]
+    want = [(T.PEDAL if tok.startswith("<PED") else T.SPECIAL) if isinstance(tok, str) else kind.get(tok[0], T.NOTE)
+            for tok in T.VOCAB]
     assert T.TOKEN_CLASS.tolist() == want  # every id's class agrees with its token
 
 
@@ -541,3 +545,4 @@ def test_cli_readable_json_and_errors(tmp_path):
     assert all("error" in d for d in lines[1:-1])
     r = run("--json", good)
     assert r.returncode == 0 and T.DIM_ID in json.loads(r.stdout)["ids"]
+
