@@ -22,8 +22,9 @@ What it does, after the official demo (EleutherAI/aria demo/demo_mlx.py), in pla
 - take back: any note from the pianist while Aria plays stops it at once (its sounding notes are
   released, the pedal lifted); --turns N hands over N times. On every exit (the end, Ctrl-C, an
   error, a vanished port) every note Aria or a file started is released and the pedal lifted.
-The last line of `--out -` is a summary: first_note_s (takeover -> first Aria note sent), notes,
-late, stuck (notes left on), shift_s (how far lateness moved the timeline).
+The last line of `--out -` is a summary: first_note_s (takeover -> first Aria note sent, her chosen
+rest included), first_note_ready_s (takeover -> that note decoded and scheduled: the latency),
+notes, late, stuck (notes left on), shift_s (how far lateness moved the timeline).
 """
 import argparse
 import heapq
@@ -83,7 +84,7 @@ class FileHuman:
     """A MIDI file played as the pianist: its messages arrive in real time (iter_pending, as from a
     mido input port); with `until` seconds it stops there, releasing its keys and its pedal."""
 
-    def __init__(self, path, clock, until=None):
+    def __init__(self, path, until=None):
         try:
             t, events = 0.0, []
             for msg in mido.MidiFile(path):  # all tracks merged, delta times in seconds, tempo applied
@@ -100,8 +101,12 @@ class FileHuman:
             events += [(until, mido.Message("note_off", channel=c, note=n)) for (c, n), on in held.items() if on]
             events += [(until, mido.Message("control_change", channel=c, control=64, value=0))
                        for c in {m.channel for _, m in events if hasattr(m, "channel")}]
-        self.events, self.clock, self.queue, self.finished = events, clock, queue.Queue(), False
+        self.events, self.queue, self.finished = events, queue.Queue(), False
+
+    def start(self, clock):
+        self.clock = clock
         threading.Thread(target=self._feed, daemon=True).start()
+        return self
 
     def _feed(self):
         for t, msg in self.events:
@@ -141,7 +146,7 @@ class Player:
         self.pedal = set()  # channels where Aria holds the pedal
         self.human = set()  # (channel, pitch) the pianist's notes echoed and not yet released
         self.keys = {}  # (channel, pitch) -> on, for every note message that reached the output
-        self.stats = dict(notes=0, late=0, first_sent=None, last_start=0.0)
+        self.stats = dict(notes=0, late=0, first_sent=None, first_ready=None, last_start=0.0)
         self.error, self.closed = None, False
         self.thread = threading.Thread(target=self._run, daemon=True)
         self.thread.start()
@@ -163,12 +168,14 @@ class Player:
     def note(self, start_ms, end_ms, pitch, velocity, channel=0):
         """Schedule one of Aria's notes (music ms); late: start now, move the timeline."""
         with self.cv:
-            now, due = time.perf_counter(), self.clock.start + start_ms / 1000 + self.shift
+            now = time.perf_counter()
+            due = asked = self.clock.start + start_ms / 1000 + self.shift
             if due < now:
                 self.shift += now - due
                 due = now
             self.stats["last_start"] = max(self.stats["last_start"], due)
-            self._push(due, ("on", channel, pitch, velocity, (end_ms - start_ms) / 1000, due))
+            self.stats["first_ready"] = self.stats["first_ready"] or now
+            self._push(due, ("on", channel, pitch, velocity, (end_ms - start_ms) / 1000, asked))
             self.cv.notify()
 
     def pedal_change(self, ms, on, channel=0):
@@ -288,8 +295,9 @@ class Performance:
         notes = sorted(n for n in notes if n[0] < now_ms)
         while True:
             t0 = notes[0][0]
-            midi = T.notes_to_midi([(s - t0, max(e, s + 10) - t0, p, v, 0) for s, e, p, v in notes], {0: 0},
-                                   [(t - t0, on) for t, on in self.pedals if t0 <= t < now_ms])
+            ms = lambda t: round(t - t0)  # noqa: E731  (ticks are integers: 1 tick = 1 ms)
+            midi = T.notes_to_midi([(ms(s), ms(max(e, s + 10)), p, v, 0) for s, e, p, v in notes], {0: 0},
+                                   [(ms(t), on) for t, on in self.pedals if t0 <= t < now_ms])
             f = io.BytesIO()
             midi.save(file=f)
             ids = T.tokenize(T.load_midi(f.getvalue()), dim=False, eos=False, keep_silence=True, pedal=self.pedal_mode)
@@ -312,7 +320,8 @@ class Duet:
         self.perf = Performance(self.pedal_mode)
         self.cached = []  # the tokens whose keys and values the KV cache holds, from position 0
         self.context = min(model.config.max_seq_len, a.context) - a.length - 8
-        self.first_notes, self.turns, self.last_key, self.heard = [], 0, None, False  # heard: a key since the last turn
+        self.first_notes, self.first_ready = [], []  # per turn: takeover -> first note sent / decoded
+        self.turns, self.last_key, self.heard = 0, None, False  # heard: a key since the last turn
         self.device = model.model.tok_embeddings.weight.device
         model.setup_cache(1, min(model.config.max_seq_len, a.context), device=self.device)
 
@@ -415,14 +424,16 @@ class Duet:
             t_take = self.listen()
             if t_take is None:
                 break
-            self.player.stats["first_sent"] = None
+            self.player.stats.update(first_sent=None, first_ready=None)
             took_back = self.play(t_take)
             self.turns += 1
-            first = self.player.stats["first_sent"]
-            if first is not None:
-                self.first_notes.append(round(first - self.clock.start - t_take / 1000, 3))
-            self.log(f"turn {self.turns}: takeover at {t_take / 1000:.2f} s, first note "
-                     f"{self.first_notes[-1] if first else '-'} s later, "
+            since = lambda t: round(t - self.clock.start - t_take / 1000, 3)  # noqa: E731
+            if self.player.stats["first_sent"] is not None:
+                self.first_notes.append(since(self.player.stats["first_sent"]))
+                self.first_ready.append(since(self.player.stats["first_ready"]))
+            self.log(f"turn {self.turns}: takeover at {t_take / 1000:.2f} s, first note decoded "
+                     f"{self.first_ready[-1] if self.first_ready else '-'} s and played "
+                     f"{self.first_notes[-1] if self.first_notes else '-'} s later, "
                      f"{'taken back by the pianist' if took_back else 'ended'}")
 
 
@@ -468,15 +479,17 @@ def main(argv=None):
         raise S.Fail("--in: a MIDI input port or a .mid file (python live.py --list names the ports)")
     if a.threads:
         torch.set_num_threads(a.threads)
+    file_mode = Path(a.inp).suffix.lower() in (".mid", ".midi")
+    human = FileHuman(a.inp, a.takeover) if file_mode else open_port(a.inp, "input")  # before the model: fail fast
+    out = JsonOut() if a.out == "-" else open_port(a.out, "output")
+    a.echo = a.echo or file_mode
     device = S.pick_device(a.device)
     model, path = S.load_lm(a, device, S.pick_dtype(a.dtype, device))
     log = (lambda msg: print(msg, file=sys.stderr, flush=True)) if a.out == "-" else print
     log(f"model: {path}, {model.num_params() / 1e6:.1f}M parameters, {device}, quantize {a.quantize}")
     clock = Clock()
-    file_mode = Path(a.inp).suffix.lower() in (".mid", ".midi")
-    human = FileHuman(a.inp, clock, a.takeover) if file_mode else open_port(a.inp, "input")
-    a.echo = a.echo or file_mode
-    out = JsonOut() if a.out == "-" else open_port(a.out, "output")
+    if file_mode:
+        human.start(clock)
     player = Player(out, clock)
     duet = Duet(a, model, human, player, clock, log)
     error = None
@@ -490,6 +503,7 @@ def main(argv=None):
         stuck = player.close()
         human.close()
     summary = dict(summary=True, first_note_s=max(duet.first_notes, default=None), first_note_s_turns=duet.first_notes,
+                   first_note_ready_s=max(duet.first_ready, default=None),
                    notes=player.stats["notes"], late=player.stats["late"], stuck=stuck,
                    shift_s=round(player.shift, 3), turns=duet.turns)
     if a.out == "-":

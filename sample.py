@@ -353,8 +353,9 @@ def generate(model, prompt_ids, n_variations=1, length=2048, temp=0.98, min_p=0.
         boundary = tok < T.DUR_START  # not a dur/onset: the token starts an event (or is special)
         if end:  # official rule: the first token at an event boundary, in the last 130 positions
             late = pos >= end_from
-            if until is not None:  # or about 100 tokens before `until`, at the row's ms per token so far
-                late = late | (g.time_ms() >= until - 100 * (g.time_ms() - t_prompt) // (pos - n + 1))
+            if until is not None:  # or ~100 tokens before `until`: the row's ms per token, from a prior of 30/s
+                ms_per_token = (g.time_ms() - t_prompt + 50 * 33) // (pos - n + 50)
+                late = late | (g.time_ms() >= until - 100 * ms_per_token)
             tok = torch.where(boundary & ~g.dim_used & late, T.DIM_ID, tok)
         if until is not None:  # <E> after the first event that starts at `until`
             tok = torch.where(boundary & (g.state % DIM_USED == EVENT) & (g.time_ms() >= until), T.EOS_ID, tok)

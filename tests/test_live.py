@@ -5,6 +5,7 @@ than the music, all notes off on every way out, one-line errors for ports."""
 import io
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -72,7 +73,9 @@ def test_file_duet_takes_over_fast_and_plays_on_time(files):
     assert r.returncode == 0, r.stderr
     human, aria = note_ons(msgs, "pianist"), note_ons(msgs, "aria")
     assert len(human) == 8 and all(m["sent"] < 2.05 for m in human)  # the file stops at --takeover
-    assert len(aria) >= 3 and aria[0]["sent"] - 2.0 < 0.5 and summary["first_note_s"] < 0.5
+    # decoded and scheduled within 0.5 s; played when its onset says (an untrained model rests at random)
+    assert len(aria) >= 3 and summary["first_note_ready_s"] < 0.5
+    assert summary["first_note_s"] == pytest.approx(aria[0]["sent"] - 2.0, abs=0.02)
     assert [m["sent"] for m in aria] == sorted(m["sent"] for m in aria)  # in order
     assert all(m["sent"] - m["due"] <= 0.05 for m in aria) and summary["late"] == 0  # on time
     assert all(m["due"] >= 2.0 - 0.2 - 0.01 for m in aria)  # no first onset more than 200 ms in the past
@@ -130,7 +133,10 @@ def run_live(monkeypatch, files, recorder, *args, slow=0.0, fail_at=None, exc=Ru
                 time.sleep(slow)
                 if fail_at is not None and calls[0] == fail_at:
                     raise exc("boom")
-            return forward(ids, *fa, **fk)
+            out = forward(ids, *fa, **fk)
+            if slow:  # dense music: the earliest onset the grammar allows (chords), so the slow model falls behind
+                out[..., T.ONSET_START:T.ONSET_START + 500] -= torch.arange(500.0)
+            return out
         model.forward = step
         return model, path
     monkeypatch.setattr(S, "load_lm", load)
@@ -141,9 +147,9 @@ def run_live(monkeypatch, files, recorder, *args, slow=0.0, fail_at=None, exc=Ru
 def test_late_notes_are_counted_and_played_when_the_model_is_slow(monkeypatch, files, capsys):
     rec = Recorder()
     assert run_live(monkeypatch, files, rec, "--in", files / "solo.mid", "--takeover", 1.0, "--seconds", 4,
-                    "--length", 120, slow=0.06) == 0  # 3+ steps a note at 60 ms: slower than the music
+                    "--length", 90, slow=0.05) == 0  # 3 steps a note at 50 ms, notes in chords
     out = capsys.readouterr().out
-    notes, late = (int(x) for x in (out.split(" notes in")[0].split()[-1], out.split(" late")[0].split()[-1]))
+    notes, late = (int(x) for x in re.search(r"^(\d+) notes in \d+ turns, (\d+) late", out, re.M).groups())
     assert notes > 3 and late > 0, out  # counted, and every decoded note was still played
     assert "0 stuck" in out and rec.left_on() == []
 
@@ -215,10 +221,13 @@ def test_onset_floor_and_seconds():
     new = S.split_notes(row, len(prompt))[1]
     assert new and new[0][0] >= t_last + 1500
     for seed in range(3):
-        row = S.generate(m, prompt, 1, 1000, seed=seed, seconds=2.0, end=True)[0]
+        row = S.generate(m, prompt, 1, 900, seed=seed, seconds=2.0, end=True)[0]
         new = S.split_notes(row, len(prompt))[1]
-        assert row[-1] == T.EOS_ID and T.DIM_ID in row[len(prompt):]
-        assert max(n[0] for n in new) >= t_last + 2000 - 10 and sum(n[0] >= t_last + 2000 for n in new) <= 1
+        # 2 s is less than ~100 tokens of music (30 tokens/s): the ending cue comes at once
+        assert row[len(prompt)] == T.DIM_ID and row[-1] == T.EOS_ID
+        assert sum(n[0] >= t_last + 2000 for n in new) == 1 and new[-1][0] >= t_last + 2000  # ends right after
+        row = S.generate(m, prompt, 1, 300, seed=seed, seconds=60.0, end=True)[0]
+        assert T.DIM_ID not in row[len(prompt):len(prompt) + 50]  # a minute away: no cue yet
 
 
 def test_sample_stream_prints_each_note_and_port_plays_them(files, tmp_path, monkeypatch, capsys):
@@ -226,7 +235,7 @@ def test_sample_stream_prints_each_note_and_port_plays_them(files, tmp_path, mon
     rec = Recorder()
     monkeypatch.setattr(L, "open_port", lambda name, kind: rec)
     assert S.main([str(tmp_path / "p.mid"), "--ckpt", str(files / "run"), "--out", str(tmp_path / "o"), "--stream",
-                   "--port", "Synth", "--seconds", 2, "--variations", 2, "--device", "cpu"]) == 0
+                   "--port", "Synth", "--seconds", "2", "--variations", "2", "--device", "cpu"]) == 0
     out = capsys.readouterr().out
     streamed = [json.loads(x) for x in out.splitlines() if x.startswith("{")]
     for row in (1, 2):
