@@ -316,7 +316,7 @@ class Duet:
 
     def __init__(self, a, model, human, player, clock, log):
         self.a, self.model, self.human, self.player, self.clock, self.log = a, model, human, player, clock, log
-        self.pedal_mode = getattr(model, "pedal", False) or model.config.vocab_size == T.VOCAB_SIZE + 2
+        self.pedal_mode = model.pedal  # the performance is tokenized in the model's vocabulary
         self.perf = Performance(self.pedal_mode)
         self.cached = []  # the tokens whose keys and values the KV cache holds, from position 0
         self.context = min(model.config.max_seq_len, a.context) - a.length - 8

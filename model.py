@@ -236,6 +236,12 @@ class Aria(nn.Module):
         self.default_head = next(h for h in heads if h in OUTPUT_HEADS)
 
     @property
+    def pedal(self) -> bool:
+        """The model speaks the pedal vocabulary (<PED_ON>/<PED_OFF>, the official demo's): every
+        script tokenizes for it with tokenizer's pedal=True."""
+        return self.config.vocab_size == tokenizer.PEDAL_VOCAB_SIZE
+
+    @property
     def heads(self) -> tuple:
         return tuple(k for k, a in HEAD_ATTRS.items() if getattr(self, a) is not None)
 
@@ -298,6 +304,11 @@ class Aria(nn.Module):
 # checkpoints: our own .pt files, official safetensors, folders
 
 
+def vocab_hash(vocab_size):
+    """The tokenizer vocabulary a model of this size speaks: 17727 ids, or 17729 with the pedal."""
+    return tokenizer.PEDAL_VOCAB_HASH if vocab_size == tokenizer.PEDAL_VOCAB_SIZE else tokenizer.VOCAB_HASH
+
+
 class CheckpointError(Exception):
     """A checkpoint could not be found, read, or does not fit the model."""
 
@@ -353,14 +364,24 @@ def load_checkpoint(path, map_location="cpu") -> dict:
 
 
 def _config_for(p: Path, ckpt: dict, sd: dict, overrides: dict) -> ModelConfig:
-    """The checkpoint's own config, else X.json / config.json beside it (official format),
-    else one inferred from the tensor shapes (64-wide heads)."""
+    """The checkpoint's own config, else X.json / config.json beside it (official format; its
+    vocabulary size, which official configs leave out, from the tensors), else one inferred from
+    the tensor shapes (64-wide heads). A JSON without d_model (the demo's tokenizer config.json,
+    include_pedal) only says which vocabulary the weights must have."""
     j = next((f for f in (p.with_suffix(".json"), p.parent / "config.json") if f.is_file()), None)
+    try:
+        extra = json.loads(j.read_text()) if j is not None and not isinstance(ckpt.get("config"), dict) else {}
+    except ValueError as e:
+        raise CheckpointError(f"{j}: not a JSON config ({e})") from None
+    rows = sd["model.tok_embeddings.weight"].shape[0] if "model.tok_embeddings.weight" in sd else VOCAB_SIZE
+    if '"include_pedal": true' in json.dumps(extra) and rows != tokenizer.PEDAL_VOCAB_SIZE:
+        raise CheckpointError(f"{j} asks for the pedal vocabulary ({tokenizer.PEDAL_VOCAB_SIZE} tokens), "
+                              f"the weights have {rows}")
     if isinstance(ckpt.get("config"), dict):
         cfg = ModelConfig.from_dict(ckpt["config"])
-    elif j is not None:
+    elif "d_model" in extra:
         try:
-            cfg = ModelConfig.from_dict(json.loads(j.read_text()))
+            cfg = ModelConfig.from_dict({"vocab_size": rows, **extra})
         except (ValueError, TypeError) as e:
             raise CheckpointError(f"{j}: not a model config ({e})") from None
     else:
@@ -374,8 +395,9 @@ def _config_for(p: Path, ckpt: dict, sd: dict, overrides: dict) -> ModelConfig:
                           ff_mult=gate.shape[0] // d if gate is not None else 4, vocab_size=vocab,
                           class_size=sd["class_head.weight"].shape[0] if "class_head.weight" in sd else None,
                           emb_size=emb.shape[0] or None)
-        if vocab != VOCAB_SIZE and overrides.get("vocab_size") != vocab:
-            raise CheckpointError(f"{p}: vocabulary size {vocab}, expected {VOCAB_SIZE} (the tokenizer's)")
+        if vocab not in (VOCAB_SIZE, tokenizer.PEDAL_VOCAB_SIZE) and overrides.get("vocab_size") != vocab:
+            raise CheckpointError(f"{p}: vocabulary size {vocab}, expected {VOCAB_SIZE} (the tokenizer's) "
+                                  f"or {tokenizer.PEDAL_VOCAB_SIZE} (its pedal mode)")
         if "n_heads" not in overrides:  # cannot be read from weights
             warnings.warn(f"{p}: no config found beside it; assuming {HEAD_DIM}-wide heads "
                           f"(n_heads={cfg.n_heads}). Pass n_heads=... if that is wrong.")
@@ -397,9 +419,9 @@ def load_model(path, device="cpu", dtype=torch.float32, strict=True, heads=None,
         heads = tuple(k for k in HEAD_ATTRS if any(n.startswith(HEAD_ATTRS[k] + ".") for n in sd))
         if not any(h in OUTPUT_HEADS for h in heads):
             raise CheckpointError(f"{p}: no head tensors (lm_head/emb_head/class_head); pass heads=...")
-    if ckpt.get("vocab_hash") not in (None, tokenizer.VOCAB_HASH):
+    if ckpt.get("vocab_hash") not in (None, vocab_hash(cfg.vocab_size)):
         warnings.warn(f"{p}: saved with vocabulary hash {ckpt['vocab_hash']}, current tokenizer has "
-                      f"{tokenizer.VOCAB_HASH}; token ids may mean different things")
+                      f"{vocab_hash(cfg.vocab_size)}; token ids may mean different things")
     try:
         with torch.device("meta"):  # no time or memory wasted on an init we overwrite
             model = Q.quantize(Aria(cfg, heads), **ckpt.get("quantized") or {"mode": "none"})
@@ -445,7 +467,7 @@ def save_checkpoint(path, model, **extra):
     if {"model", "config", "heads", "vocab_hash", "quantized"} & set(extra):
         raise ValueError(f"reserved checkpoint keys in {sorted(extra)}")
     ckpt = {"model": {k.replace("_orig_mod.", ""): v for k, v in m.state_dict().items()},
-            "config": asdict(m.config), "heads": list(m.heads), "vocab_hash": tokenizer.VOCAB_HASH,
+            "config": asdict(m.config), "heads": list(m.heads), "vocab_hash": vocab_hash(m.config.vocab_size),
             "quantized": getattr(m, "quantized", None), **extra}
     atomic_write(path, lambda f: torch.save(ckpt, f))
 

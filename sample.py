@@ -45,18 +45,19 @@ KV_BUCKET = 256                 # cache slots read per step rounded up to this u
 
 # -----------------------------------------------------------------------------
 # The token grammar. A body (after `prefix <S>`) is  (event | <T> | <D>)* <E>  with
-#   event = note onset dur  |  drum onset
+#   event = note onset dur  |  drum onset  |  pedal onset  (pedal: the 17729-token vocabulary)
 # A row's state says where it stands; "+ DIM_USED" once it has seen <D> (at most one).
 #   START       event boundary, nothing completed just before (after <S>, <T>, <D>)
 #   EVENT       event boundary right after a complete event: <E> is allowed only here
 #   NOTE        after a note token: an onset
 #   NOTE_ONSET  after a note's onset: a duration (10..5000 ms; dur 0 never occurs)
-#   DRUM        after a drum token: an onset
+#   DRUM        after a drum or pedal token: an onset
 #   DONE        after <E>: only <P>
 # At a boundary: notes of the instruments named in the row's prefix (never the velocity-0
 # ids, which the tokenizer never produces), drums if the drum prefix is there, <T>, <D>
-# (once), <E> (only in EVENT). Onsets never go back in time inside a segment (>= the last
-# onset since the last <T>). <S>, <P>, <U> and prefix tokens never appear in a body.
+# (once), <E> (only in EVENT), <PED_ON> while the pedal is up and <PED_OFF> while it is down
+# (they alternate, as the official demo's decoder assumes). Onsets never go back in time inside
+# a segment (>= the last onset since the last <T>). <S>, <P>, <U> and prefixes never appear in a body.
 
 START, EVENT, NOTE, NOTE_ONSET, DRUM, DONE = range(6)
 DIM_USED = 6
@@ -64,15 +65,15 @@ N_STATES = 12
 
 
 @functools.cache
-def _tables():
+def _tables(V=T.VOCAB_SIZE):
     """(N_STATES, V) bool: the tokens allowed in each state; (N_STATES, V) long: the state
-    after each token. Tokens the grammar forbids (possible in a user's prompt or with
-    grammar=False) still lead to the nearest sensible state."""
-    V = T.VOCAB_SIZE
-    cls = torch.from_numpy(T.TOKEN_CLASS[:V].astype("int64"))  # the default vocabulary
+    after each token, for a vocabulary of V (17727, or 17729 with the pedal). Tokens the grammar
+    forbids (possible in a user's prompt or with grammar=False) still lead to the nearest
+    sensible state."""
+    cls = torch.from_numpy(T.TOKEN_CLASS[:V].astype("int64"))
     ids = torch.arange(V)
     note_ok = (cls == T.NOTE) & ((ids - T.NOTE_START) % 13 != 0)   # velocity 0 excluded
-    boundary = note_ok | (cls == T.DRUM)
+    boundary = note_ok | (cls == T.DRUM) | (cls == T.PEDAL)
     boundary[T.SEG_ID] = True
     allowed = torch.zeros(N_STATES, V, dtype=torch.bool)
     nxt = torch.empty(N_STATES, V, dtype=torch.long)
@@ -88,7 +89,7 @@ def _tables():
         for s in range(DONE):
             # the state after a token of each class; <S> <P> <U> and prefixes are not body tokens
             after = {T.SPECIAL: START, T.PREFIX: START, T.NOTE: NOTE, T.DRUM: DRUM, T.DUR: EVENT,
-                     T.ONSET: NOTE_ONSET if s == NOTE else EVENT}
+                     T.ONSET: NOTE_ONSET if s == NOTE else EVENT, T.PEDAL: DRUM}
             nxt[s + dim] = torch.tensor([after[c] for c in range(len(after))])[cls] + dim
             nxt[s + dim, T.EOS_ID] = DONE + dim
             nxt[s + dim, T.DIM_ID] = START + DIM_USED
@@ -96,10 +97,13 @@ def _tables():
     return allowed, nxt
 
 
-def prompt_info(ids):
-    """What a prompt fixes for its continuation: (instruments named in the prefix,
-    grammar state after the prompt, last onset id in its last segment, segments before it)."""
+def prompt_info(ids, V=T.VOCAB_SIZE):
+    """What a prompt fixes for its continuation: (instruments named in the prefix, grammar state
+    after the prompt, last onset id in its last segment, segments before it, pedal down)."""
     ids = [int(i) for i in ids]
+    if max(ids) >= V:
+        raise ValueError(f"prompt has token {max(ids)}, beyond the model's {V}-token vocabulary "
+                         f"({'pedal tokens for a model without them' if max(ids) >= T.PED_ON_ID else 'not an Aria prompt'})")
     if T.BOS_ID not in ids:
         raise ValueError("prompt has no <S>: expected `prefix <S> body` (tokenizer.prompt gives one)")
     if T.EOS_ID in ids:
@@ -109,7 +113,7 @@ def prompt_info(ids):
     instruments = {names[i] for i in ids[:bos] if i in names}
     if not instruments:
         raise ValueError("prompt prefix names no instrument, so no note could follow")
-    nxt = _tables()[1]
+    nxt = _tables(V)[1]
     state, last = START, T.ONSET_START
     for i in ids[bos + 1:]:
         state = int(nxt[state, i])
@@ -117,7 +121,8 @@ def prompt_info(ids):
             last = T.ONSET_START
         elif T.TOKEN_CLASS[i] == T.ONSET:
             last = i
-    return instruments, state, last, ids[bos + 1:].count(T.SEG_ID)
+    pedals = [i for i in ids if i in (T.PED_ON_ID, T.PED_OFF_ID)]
+    return instruments, state, last, ids[bos + 1:].count(T.SEG_ID), pedals[-1:] == [T.PED_ON_ID]
 
 
 class Grammar:
@@ -129,10 +134,10 @@ class Grammar:
     vocabulary. advance() is a table lookup. time_ms() is each row's music time: the onset of
     its last event. min_onset_ms (live.py): no new onset before this time in the last segment."""
 
-    def __init__(self, prompts, device="cpu", eos=True, min_onset_ms=0):
-        allowed, nxt = _tables()
-        V, inf = T.VOCAB_SIZE, float("-inf")
-        info = [prompt_info(p) for p in prompts]  # (instruments, state, last onset) per row
+    def __init__(self, prompts, device="cpu", eos=True, min_onset_ms=0, V=T.VOCAB_SIZE):
+        allowed, nxt = _tables(V)
+        inf = float("-inf")
+        info = [prompt_info(p, V) for p in prompts]  # (instruments, state, last onset, segments, pedal) per row
         row_ok = torch.ones(len(info), V, dtype=torch.bool)  # (B, V): only the row's instruments
         for b, (instruments, *_) in enumerate(info):
             for k, name in enumerate(T.INSTRUMENTS):
@@ -144,8 +149,10 @@ class Grammar:
         row_ok[:, T.EOS_ID] = eos
         ok = allowed & row_ok[:, None]  # (B, N_STATES, V)
         self.table = torch.zeros(ok.shape).masked_fill_(~ok, inf).flatten(0, 1).to(device)  # (B * N_STATES, V)
-        k = torch.arange(V - T.ONSET_START)
+        k = torch.arange(T.VOCAB_SIZE - T.ONSET_START)  # the onsets: the default vocabulary's last ids
         self.onset_floor = torch.zeros(len(k), len(k)).masked_fill_(k < k[:, None], inf).to(device)  # j: onsets >= j
+        self.pedal_table = torch.tensor([[0.0, inf], [inf, 0.0]], device=device)  # up: <PED_ON>; down: <PED_OFF>
+        self.pedal_down = torch.tensor([i[4] for i in info], device=device)  # (B,)
         self.next = nxt.to(device)
         self.first_row = torch.arange(len(info), device=device) * N_STATES  # (B,)
         self.state = torch.tensor([i[1] for i in info], device=device)  # (B,)
@@ -156,15 +163,19 @@ class Grammar:
     def bias(self):
         """(B, V) float: 0 for the tokens each row may take next, -inf for the others."""
         b = self.table.index_select(0, self.first_row + self.state)
-        b[:, T.ONSET_START:] += self.onset_floor.index_select(0, self.last_onset - T.ONSET_START)
+        b[:, T.ONSET_START:T.VOCAB_SIZE] += self.onset_floor.index_select(0, self.last_onset - T.ONSET_START)
+        if b.shape[1] > T.VOCAB_SIZE:
+            b[:, T.PED_ON_ID:] += self.pedal_table.index_select(0, self.pedal_down.long())
         return b
 
     def advance(self, tok):
         """Move every row past its token tok (B,), in place (a CUDA graph replays on these buffers)."""
-        last = torch.where(tok == T.SEG_ID, T.ONSET_START, torch.where(tok >= T.ONSET_START, tok, self.last_onset))
+        onset = (tok >= T.ONSET_START) & (tok < T.VOCAB_SIZE)
+        last = torch.where(tok == T.SEG_ID, T.ONSET_START, torch.where(onset, tok, self.last_onset))
         self.state.copy_(self.next[self.state, tok])
         self.last_onset.copy_(last)
         self.seg.add_(tok == T.SEG_ID)
+        self.pedal_down.copy_((tok == T.PED_ON_ID) | self.pedal_down & (tok != T.PED_OFF_ID))
 
     def time_ms(self):
         return self.seg * T.SEGMENT_MS + (self.last_onset - T.ONSET_START) * T.TIME_STEP_MS
@@ -308,8 +319,8 @@ def generate(model, prompt_ids, n_variations=1, length=2048, temp=0.98, min_p=0.
     B, V = len(rows), model.config.vocab_size
     if n_variations < 1 or not all(rows):
         raise ValueError("need n_variations >= 1 and non-empty prompts")
-    if V != T.VOCAB_SIZE:
-        raise ValueError(f"model vocabulary {V} != tokenizer vocabulary {T.VOCAB_SIZE}")
+    if V not in (T.VOCAB_SIZE, T.PEDAL_VOCAB_SIZE):
+        raise ValueError(f"model vocabulary {V}: the tokenizer has {T.VOCAB_SIZE} (or {T.PEDAL_VOCAB_SIZE} with the pedal)")
     if getattr(model, "lm_head", None) is None:
         raise ValueError(f"the model has no LM head (heads: {model.heads})")
     emb = model.model.tok_embeddings.weight  # never quantized: its dtype is the model's
@@ -323,7 +334,7 @@ def generate(model, prompt_ids, n_variations=1, length=2048, temp=0.98, min_p=0.
                          f"({model.config.max_seq_len} tokens)")
     _sync(device)
     t0 = time.perf_counter()
-    g = Grammar(rows, device, eos=eos, min_onset_ms=min_onset_ms)  # checks the prompts: `prefix <S> body`
+    g = Grammar(rows, device, eos=eos, min_onset_ms=min_onset_ms, V=V)  # checks the prompts: `prefix <S> body`
     t_prompt = g.time_ms()  # (B,) each row's last prompt onset
     until = None if seconds is None else t_prompt + round(seconds * 1000)
     gen = torch.Generator(device=device).manual_seed(seed)
@@ -350,7 +361,7 @@ def generate(model, prompt_ids, n_variations=1, length=2048, temp=0.98, min_p=0.
         if grammar:
             logits = logits + g.bias()
         tok = pick(logits, temp, top_k, top_p, min_p, gen)  # (B,)
-        boundary = tok < T.DUR_START  # not a dur/onset: the token starts an event (or is special)
+        boundary = (tok < T.DUR_START) | (tok >= T.PED_ON_ID)  # not a dur/onset: an event starts (or a special)
         if end:  # official rule: the first token at an event boundary, in the last 130 positions
             late = pos >= end_from
             if until is not None:  # or ~100 tokens before `until`: the row's ms per token, from a prior of 30/s
@@ -592,11 +603,12 @@ def pick_dtype(name, device):
     return getattr(torch, name)
 
 
-def load_prompt(a):
+def load_prompt(a, pedal=False):
+    """The prompt's ids, in the model's vocabulary (pedal: the demo checkpoint's)."""
     if a.prompt is None:
         return [T.INSTRUMENT_PREFIX_ID["piano"], T.BOS_ID]
     try:
-        ids = T.prompt(a.prompt, a.prompt_seconds)
+        ids = T.prompt(a.prompt, a.prompt_seconds, pedal=pedal)
     except T.TokenizerError as e:
         raise Fail(str(e)) from None
     if not any(T.TOKEN_CLASS[i] in (T.NOTE, T.DRUM) for i in ids):
@@ -646,13 +658,14 @@ def run(argv=None):
     for option in ("compile", "cuda_graph"):
         if getattr(a, option) and device != "cuda":
             print(f"note: --{option} applies to CUDA only; decoding eagerly on {device}")
-    ids = load_prompt(a)
     model, ckpt_path = load_lm(a, device, dtype)
+    ids = load_prompt(a, model.pedal)
     name = Path(a.prompt).stem if a.prompt else "scratch"
     what = f"{a.prompt}, first {a.prompt_seconds:g} s" if a.prompt else "from scratch"
     print(f"prompt: {what}: {len(ids)} tokens, {len(T.detokenize_notes(ids)[0])} notes")
     print(f"model: {ckpt_path}, {model.num_params() / 1e6:.1f}M parameters, {device} "
-          f"{str(dtype).replace('torch.', '')}")
+          f"{str(dtype).replace('torch.', '')}" + (", pedal tokens" if model.pedal else "")
+          + (f", {a.quantize} weights" if a.quantize != "none" else ""))
     length = min(a.length, model.config.max_seq_len - len(ids))
     if length < 1:
         raise Fail(f"the prompt has {len(ids)} tokens, the model's context is {model.config.max_seq_len}; "
@@ -669,7 +682,7 @@ def run(argv=None):
                 player = live.Player(live.open_port(a.port, "output"), live.Clock())
             except live.LiveError as e:
                 raise Fail(str(e)) from None
-            _, _, last, segments = prompt_info(ids)  # the prompt's last onset plays "now"
+            _, _, last, segments, _ = prompt_info(ids, model.config.vocab_size)  # the prompt's last onset plays "now"
             origin = -(segments * T.SEGMENT_MS + (last - T.ONSET_START) * T.TIME_STEP_MS)
         streams = [NoteStream(ids) for _ in range(a.variations)]
 
