@@ -257,6 +257,74 @@ class Player:
         return sum(self.keys.values())
 
 
+class NoteStream:
+    """One row's notes and pedal changes as its tokens arrive (sample.py --stream/--port, the duet):
+    feed(token) -> (notes, pedal changes) the token completes, as detokenize_notes gives them for
+    the whole row: (start_ms, end_ms, pitch, velocity, channel) and (ms, on)."""
+
+    def __init__(self, prompt):
+        bos = prompt.index(T.BOS_ID)
+        self.head, self.event = prompt[:bos + 1], []  # the prefix names the channels
+        self.base = T.SEGMENT_MS * prompt[bos + 1:].count(T.SEG_ID)
+
+    def feed(self, tok):
+        cls = T.TOKEN_CLASS[tok] if tok < len(T.TOKEN_CLASS) else T.SPECIAL
+        if tok == T.SEG_ID:
+            self.base += T.SEGMENT_MS
+        if cls in (T.NOTE, T.DRUM, T.PEDAL):
+            self.event = [tok]
+        elif cls in (T.ONSET, T.DUR) and self.event:
+            self.event.append(tok)
+            if cls == T.DUR or T.TOKEN_CLASS[self.event[0]] != T.NOTE:
+                notes, _, changes = T.detokenize_notes(self.head + self.event, pedals=True)
+                self.event = []
+                return ([(s + self.base, e + self.base, *n) for s, e, *n in notes],
+                        [(t + self.base, on) for t, on in changes])
+        else:
+            self.event = []
+        return [], []
+
+
+def stream_notes(prompt, rows, json_lines=False, port=None, vocab_size=T.VOCAB_SIZE):
+    """sample.py --stream / --port: an on_step for sample.generate that prints every row's notes
+    and pedal changes as JSON lines the moment they are decoded, and plays the first row on a MIDI
+    output in real time, the prompt's last onset at the first new token; -> (on_step, finish),
+    finish() waits for the last notes, releases everything and returns an error or None."""
+    streams = [NoteStream(prompt) for _ in range(rows)]
+    player = Player(open_port(port, "output"), Clock()) if port else None
+    _, _, last, segments, _ = S.prompt_info(prompt, vocab_size)
+    origin = -(segments * T.SEGMENT_MS + (last - T.ONSET_START) * T.TIME_STEP_MS)
+
+    def on_step(i, toks):
+        if player and i == 0:  # the music starts with the first new token, not before the prefill
+            player.clock.start = time.perf_counter()
+        for row, (stream, tok) in enumerate(zip(streams, toks), 1):
+            notes, changes = stream.feed(tok)
+            for n in notes:
+                if json_lines:
+                    print(json.dumps(dict(row=row, start_ms=n[0], end_ms=n[1], pitch=n[2], velocity=n[3],
+                                          channel=n[4])), flush=True)
+                if player and row == 1:
+                    player.note(n[0] + origin, n[1] + origin, *n[2:])
+            for t, on in changes:
+                if json_lines:
+                    print(json.dumps(dict(row=row, pedal_ms=t, on=on)), flush=True)
+                if player and row == 1:
+                    player.pedal_change(t + origin, on)
+        return bool(player and player.error)
+
+    def finish():
+        if player is None:
+            return None
+        while player.busy() and not player.error:
+            time.sleep(0.01)
+        stuck = player.close()
+        print(f"played {player.stats['notes']} notes on {port}: {player.stats['late']} late "
+              f"(timeline moved {player.shift:.2f} s), {stuck} stuck")
+        return player.error
+    return on_step, finish
+
+
 # -----------------------------------------------------------------------------
 # The performance so far, as tokens
 
@@ -380,7 +448,7 @@ class Duet:
         ids += [T.SEG_ID] * max(0, floor // T.SEGMENT_MS - ids[body:].count(T.SEG_ID))
         same_segment = ids[body:].count(T.SEG_ID) == floor // T.SEGMENT_MS
         k = self.prefill(ids)
-        stream, origin, interrupted = S.NoteStream(ids), perf.origin, []
+        stream, origin, interrupted = NoteStream(ids), perf.origin, []
         length = min(a.length, self.model.model.encode_layers[0].kv_cache.k.shape[2] - len(ids))
 
         def on_step(i, toks):

@@ -423,34 +423,6 @@ def generate(model, prompt_ids, n_variations=1, length=2048, temp=0.98, min_p=0.
     return results
 
 
-class NoteStream:
-    """One row's notes and pedal changes as its tokens arrive (--stream, --port, live.py):
-    feed(token) -> (notes, pedal changes) the token completes, as detokenize_notes gives them for
-    the whole row: (start_ms, end_ms, pitch, velocity, channel) and (ms, on)."""
-
-    def __init__(self, prompt):
-        bos = prompt.index(T.BOS_ID)
-        self.head, self.event = prompt[:bos + 1], []  # the prefix names the channels
-        self.base = T.SEGMENT_MS * prompt[bos + 1:].count(T.SEG_ID)
-
-    def feed(self, tok):
-        cls = T.TOKEN_CLASS[tok] if tok < len(T.TOKEN_CLASS) else T.SPECIAL
-        if tok == T.SEG_ID:
-            self.base += T.SEGMENT_MS
-        if cls in (T.NOTE, T.DRUM, T.PEDAL):
-            self.event = [tok]
-        elif cls in (T.ONSET, T.DUR) and self.event:
-            self.event.append(tok)
-            if cls == T.DUR or T.TOKEN_CLASS[self.event[0]] != T.NOTE:
-                notes, _, changes = T.detokenize_notes(self.head + self.event, pedals=True)
-                self.event = []
-                return ([(s + self.base, e + self.base, *n) for s, e, *n in notes],
-                        [(t + self.base, on) for t, on in changes])
-        else:
-            self.event = []
-        return [], []
-
-
 # -----------------------------------------------------------------------------
 # Output: MIDI files, JSON sidecars, piano rolls
 
@@ -674,49 +646,22 @@ def run(argv=None):
         print(f"note: --length {a.length} capped at {length} (context {model.config.max_seq_len} "
               f"minus the {len(ids)}-token prompt)")
 
-    stats, gpu, on_step, player = {}, device == "cuda", None, None
-    if a.stream or a.port:  # notes as they are decoded: JSON lines, and/or the first row played in real time
-        if a.port:
-            import live
-            try:
-                player = live.Player(live.open_port(a.port, "output"), live.Clock())
-            except live.LiveError as e:
-                raise Fail(str(e)) from None
-            _, _, last, segments, _ = prompt_info(ids, model.config.vocab_size)  # the prompt's last onset plays "now"
-            origin = -(segments * T.SEGMENT_MS + (last - T.ONSET_START) * T.TIME_STEP_MS)
-        streams = [NoteStream(ids) for _ in range(a.variations)]
-
-        def on_step(i, toks):
-            if player and i == 0:  # the music starts with the first new token, not before the prefill
-                player.clock.start = time.perf_counter()
-            for row, (s, tok) in enumerate(zip(streams, toks), 1):
-                notes, changes = s.feed(tok)
-                for n in notes:
-                    if a.stream:
-                        print(json.dumps(dict(row=row, start_ms=n[0], end_ms=n[1], pitch=n[2], velocity=n[3],
-                                              channel=n[4])), flush=True)
-                    if player and row == 1:
-                        player.note(n[0] + origin, n[1] + origin, *n[2:])
-                for t, on in changes:
-                    if a.stream:
-                        print(json.dumps(dict(row=row, pedal_ms=t, on=on)), flush=True)
-                    if player and row == 1:
-                        player.pedal_change(t + origin, on)
-            return bool(player and player.error)
+    stats, gpu, on_step, finish = {}, device == "cuda", None, None
+    if a.stream or a.port:  # notes as they are decoded: JSON lines, the first row played in real time
+        import live
+        try:
+            on_step, finish = live.stream_notes(ids, a.variations, a.stream, a.port, model.config.vocab_size)
+        except live.LiveError as e:
+            raise Fail(str(e)) from None
     try:
         rows = generate(model, ids, a.variations, length, a.temp, a.min_p, a.top_p, a.top_k, a.seed, a.end, device,
                         grammar=not a.no_grammar, compile=a.compile and gpu, cuda_graph=a.cuda_graph and gpu,
                         stats=stats, seconds=a.seconds, on_step=on_step,
                         progress=lambda steps, total: print(f"  {steps}/{total} steps", flush=True))
-        while player and player.busy() and not player.error:  # the last notes play to the end
-            time.sleep(0.01)
     finally:
-        if player:
-            stuck = player.close()
-            print(f"played {player.stats['notes']} notes on {a.port}: {player.stats['late']} late "
-                  f"(timeline moved {player.shift:.2f} s), {stuck} stuck")
-    if player and player.error:
-        raise Fail(f"{a.port}: {player.error}")
+        error = finish and finish()  # the last notes play out, then all off
+    if error:
+        raise Fail(f"{a.port}: {error}")
     print(f"generated {stats['new_tokens']} new tokens ({a.variations} x up to {length}) in "
           f"{stats['prefill_s'] + stats['decode_s']:.2f} s: {stats['tokens_per_s']:.1f} tokens/s; "
           f"first new token after {stats['first_token_s']:.2f} s, then {stats['step_s'] * 1e3:.2f} ms per step")
