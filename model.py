@@ -15,6 +15,7 @@ SwiGLU FFN, final LayerNorm, untied heads. One trunk serves every use:
 Parameter names are the official ones: official safetensors load unchanged (SPEC.md B, D.2).
 Then checkpoint I/O, and small helpers that each script's own training loop calls in one line.
 """
+import hashlib
 import json
 import os
 import sys
@@ -448,12 +449,15 @@ def export_safetensors(model, path, dtype=None):
 # small helpers for the training scripts (each script carries its own loop)
 
 
-def setup_distributed(device="auto"):
-    """-> (rank, world_size, device). Under torchrun: NCCL on CUDA, gloo on CPU."""
+def setup_distributed(device="auto", tf32=True):
+    """-> (rank, world_size, device). Under torchrun: NCCL on CUDA, gloo on CPU. On CUDA, float32
+    matmuls run in TF32 unless tf32=False (what runs under bf16 autocast is not affected)."""
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
     if device.startswith("cuda") and not torch.cuda.is_available() or device == "mps" and not torch.backends.mps.is_available():
         raise SystemExit(f"--device {device}: not available on this machine")  # one line, exit status 1
+    if device.startswith("cuda"):
+        torch.set_float32_matmul_precision("high" if tf32 else "highest")
     if "RANK" not in os.environ:
         return 0, 1, torch.device(device)
     rank, world, local = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ.get("LOCAL_RANK", 0))
@@ -501,12 +505,81 @@ def flops_per_token(cfg: ModelConfig, seq_len: int, lm_head: bool = True) -> flo
     return 6 * n + 12 * L * d * seq_len
 
 
-def estimate_mfu(cfg: ModelConfig, seq_len: int, tokens_per_s: float, device_name=None, lm_head=True):
-    """Model FLOPs utilisation in [0, 1], or None on CPU / unknown GPUs."""
+def estimate_mfu(cfg: ModelConfig, seq_len: int, tokens_per_s: float, device_name=None, lm_head=True, peak=None):
+    """Model FLOPs utilisation in [0, 1] of one device at tokens_per_s (that device's own rate), or
+    None on CPU / unknown GPUs. peak: the device's FLOP/s, if not looked up from its name."""
     if device_name is None and torch.cuda.is_available():
         device_name = torch.cuda.get_device_name()
-    peak = next((f for k, f in GPU_PEAK_BF16_FLOPS.items() if device_name and k.lower() in device_name.lower()), None)
+    peak = peak or next((f for k, f in GPU_PEAK_BF16_FLOPS.items() if device_name and k.lower() in device_name.lower()), None)
     return None if peak is None else flops_per_token(cfg, seq_len, lm_head) * tokens_per_s / peak
+
+
+CE_CHUNK = 2048  # positions per chunk of the LM loss: 2048 x 17727 float32 logits are 145 MB
+
+
+def _ce_sum(h, weight, targets):
+    logits = F.linear(h, weight)  # (n, V) under the caller's autocast (bf16 on CUDA), as lm_head
+    with torch.autocast(h.device.type, enabled=False):
+        return F.cross_entropy(logits.float(), targets, ignore_index=tokenizer.PAD_ID, reduction="sum")
+
+
+class LMLoss(nn.Module):
+    """LMLoss(model)(batch (B, T+1) ids) -> mean next-token cross-entropy in float32, <P> targets
+    ignored: F.cross_entropy(model(batch[:, :-1]).float(), ...) without the (B, T, V) float32 logits.
+    Each chunk of positions makes its logits and loss and drops them; backward recomputes them (one
+    more head matmul, ~1% of a medium step). A module, so that DDP and compile wrap the whole loss."""
+
+    def __init__(self, model, chunk=CE_CHUNK):
+        super().__init__()
+        self.lm, self.chunk = model, chunk
+
+    def forward(self, batch):
+        h, y, total = self.lm.hidden(batch[:, :-1]).flatten(0, 1), batch[:, 1:].flatten(), 0  # (B*T, d), (B*T,)
+        for i in range(0, len(y), self.chunk):
+            part = (h[i:i + self.chunk], self.lm.lm_head.weight, y[i:i + self.chunk])
+            total = total + (checkpoint(_ce_sum, *part, use_reentrant=False) if torch.is_grad_enabled() else _ce_sum(*part))
+        return total / (y != tokenizer.PAD_ID).sum()
+
+
+def train_memory(cfg, seq_len, micro, grad_ckpt, amp=True, lm_head=True):
+    """Bytes a training process needs, by arithmetic: 16 per parameter (weights, gradients, AdamW
+    moments; 18 with autocast's bf16 copies), and per token the activations kept for backward: 60·d
+    per layer under bf16 autocast, 106·d in float32 (58·d, 104·d counted in tests/test_model.py), or
+    with checkpointing each block's input (4·d) and one block being recomputed; one loss chunk."""
+    d, L, V, act = cfg.d_model, cfg.n_layers, cfg.vocab_size, 60 if amp else 106
+    per_token = d * (4 * L + 2 * act + 8 if grad_ckpt else act * L + 8)
+    params = flops_per_token(cfg, 0, lm_head) // 6 + d * V
+    return params * (18 if amp else 16) + micro * seq_len * per_token + (16 * CE_CHUNK * V if lm_head else 0)
+
+
+def plan_batch(cfg, seq_len, batch, device, micro=0, grad_ckpt="auto", amp=True, lm_head=True, capacity=None):
+    """-> (micro-batch, checkpointing, a line saying so) for `batch` sequences per process and step:
+    the largest divisor of batch that fits 80% of the device's memory (free + held by torch), with
+    no activation checkpointing if any fits (no recompute). A given micro (> 0) or grad_ckpt
+    ("0"/"1") stays. Without a memory figure (CPU, MPS): the whole batch, no checkpointing."""
+    if micro and batch % micro:
+        raise SystemExit(f"--micro_batch {micro} does not divide --batch_size {batch}")
+    if capacity is None and torch.device(device).type == "cuda":
+        capacity = torch.cuda.mem_get_info(device)[0] + torch.cuda.memory_reserved(device)
+    sizes = [micro] if micro else [m for m in range(batch, 0, -1) if batch % m == 0]
+    plans = [(ck, m) for ck in ([False, True] if grad_ckpt == "auto" else [grad_ckpt == "1"]) for m in sizes]
+    need = {p: train_memory(cfg, seq_len, p[1], p[0], amp, lm_head) for p in plans}
+    ckpt, m = next((p for p in plans if capacity is None or need[p] <= 0.8 * capacity), plans[-1])  # else OOM says what to do
+    fits = f"; estimated {need[ckpt, m] / 2**30:.1f} of {capacity / 2**30:.1f} GiB" if capacity else ""
+    return m, ckpt, (f"{batch // m} micro-batch{'es' if batch > m else ''} of {m} x {seq_len} per step, activation "
+                     f"checkpointing {'on' if ckpt else 'off'}{fits} (--micro_batch, --grad_checkpoint)")
+
+
+def stratified_split(names, labels, valid_frac=0.1, test_frac=0.1):
+    """Per class, files ordered by a hash of their CSV path (stable, independent of --seed): the first
+    round(test_frac * n) -> test, the next round(valid_frac * n) -> valid (at least 1 each if n >= 3)."""
+    out = ["train"] * len(names)
+    for c in sorted(set(labels)):
+        idx = sorted((i for i, l in enumerate(labels) if l == c), key=lambda i: hashlib.sha1(names[i].encode()).hexdigest())
+        k_test, k_valid = (max(round(f * len(idx)), int(f > 0 and len(idx) >= 3)) for f in (test_frac, valid_frac))
+        for j, i in enumerate(idx[:k_test + k_valid]):
+            out[i] = "test" if j < k_test else "valid"
+    return out
 
 
 class StepSampler(torch.utils.data.Sampler):
@@ -519,15 +592,13 @@ class StepSampler(torch.utils.data.Sampler):
         self.step, self.b, self.a, self.r, self.w = step, batch_size, accum, rank, world
 
     def __iter__(self):
-        step = self.step
+        k = self.step * self.a  # micro-step k = step * accum + micro
         while True:
-            for micro in range(self.a):
-                base = ((step * self.a + micro) * self.w + self.r) * self.b
-                yield from range(base, base + self.b)
-            step += 1
+            yield from range((k * self.w + self.r) * self.b, (k * self.w + self.r + 1) * self.b)
+            k += 1
 
 
-PER_RUN_OPTIONS = {"resume", "stop_at", "device", "workers", "compile"}  # how to run a job, not the run
+PER_RUN_OPTIONS = {"resume", "stop_at", "device", "workers", "compile", "micro_batch", "grad_checkpoint", "peak_tflops"}  # how to run a job, not the run
 
 
 def resume_args(args, parser, argv=None):
@@ -544,6 +615,8 @@ def resume_args(args, parser, argv=None):
     argv = sys.argv[1:] if argv is None else argv
     typed = {a.dest for a in parser._actions for s in a.option_strings
              if any(x == s or x.startswith(s + "=") for x in argv)}
+    if "grad_accum" in saved and not hasattr(args, "grad_accum"):  # batch_size was per micro-step before issue 21
+        saved["batch_size"] *= saved["grad_accum"]
     for k, v in saved.items():
         if k not in typed and k not in PER_RUN_OPTIONS and hasattr(args, k):
             setattr(args, k, v)
