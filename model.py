@@ -566,8 +566,7 @@ def plan_batch(cfg, seq_len, batch, device, micro=0, grad_ckpt="auto", amp=True,
     need = {p: train_memory(cfg, seq_len, p[1], p[0], amp, lm_head) for p in plans}
     ckpt, m = next((p for p in plans if capacity is None or need[p] <= 0.8 * capacity), plans[-1])  # else OOM says what to do
     fits = f"; estimated {need[ckpt, m] / 2**30:.1f} of {capacity / 2**30:.1f} GiB" if capacity else ""
-    return m, ckpt, (f"{batch // m} micro-batch{'es' if batch > m else ''} of {m} x {seq_len} per step, activation "
-                     f"checkpointing {'on' if ckpt else 'off'}{fits} (--micro_batch, --grad_checkpoint)")
+    return m, ckpt, f"micro-batches of {m} x {seq_len} ({batch // m} per step), activation checkpointing {'on' if ckpt else 'off'}{fits}"
 
 
 def stratified_split(names, labels, valid_frac=0.1, test_frac=0.1):
