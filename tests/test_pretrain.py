@@ -116,6 +116,17 @@ def test_prepare_empty_or_all_bad(tmp_path):
     assert r.returncode != 0 and "no file survived" in r.stderr and not (tmp_path / "ds" / "meta.json").exists()
 
 
+def test_prepare_empty_splits_have_their_own_line(tmp_path):
+    # every kept file drawn into validation is not "no file survived ({})"
+    r = run("prepare.py", "--synthetic", "6", "--out", tmp_path / "ds", "--val_fraction", "0.9999", "--workers", "1", ok=False)
+    assert r.returncode == 1 and "all 6 kept files fell in the validation split" in r.stderr and "survived" not in r.stderr
+    assert not (tmp_path / "ds" / "meta.json").exists()
+    r = run("prepare.py", "--synthetic", "6", "--out", tmp_path / "ds2", "--val_fraction", "0", "--workers", "1")
+    assert "the validation split is empty" in r.stderr and (tmp_path / "ds2" / "meta.json").is_file()
+    r = run("prepare.py", "--synthetic", "6", "--out", tmp_path / "ds3", "--val_fraction", "1", ok=False)
+    assert r.returncode == 1 and "--val_fraction 1.0" in r.stderr and "Traceback" not in r.stderr
+
+
 def test_composition_cap():
     files = [f"f{i}.mid" for i in range(40)]
     meta = {f: {"composer": "chopin", "opus": "64", "piece": "2"} for f in files[:15]}
