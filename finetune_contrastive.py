@@ -235,7 +235,7 @@ def nt_xent(z1, z2, temperature=0.1):
     z = F.normalize(torch.cat([z1, z2]).float(), dim=-1)
     sim = z @ z.T / temperature
     sim = sim.masked_fill(torch.eye(2 * n, dtype=torch.bool, device=z.device), float("-inf"))
-    target = torch.cat([torch.arange(n, 2 * n), torch.arange(n)]).to(z.device)
+    target = torch.arange(2 * n, device=z.device).roll(n)  # n..2n-1, 0..n-1; made on the device: no host copy
     return F.cross_entropy(sim, target)
 
 
