@@ -435,7 +435,7 @@ def train(args):
     model = build_model(args, len(classes), out).to(device).train()
     train_slices = [s for f in files["train"] for s in f[2]]
     train_labels = [f[1] for f in files["train"] for _ in f[2]]
-    micro, model.config.grad_checkpoint, plan = M.plan_batch(model.config, args.slice_len, args.batch_size, device, args.micro_batch,
+    micro, model.config.grad_checkpoint, _, plan = M.plan_batch(model.config, args.slice_len, args.batch_size, device, args.micro_batch,
                                                              args.grad_checkpoint, amp is not None, lm_head=False)
     accum, per_step = args.batch_size // micro, args.batch_size * world
     train_set = SliceSet(train_slices, train_labels, per_step, args.seed, args.augment)

@@ -362,7 +362,7 @@ def train(args):
     autocast = torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None)
     model = build_model(args).to(device)
     # the micro-batch is the loss's batch (its negatives): only activation checkpointing is planned
-    _, model.config.grad_checkpoint, plan = M.plan_batch(model.config, args.max_len, 2 * args.batch_size, device,
+    _, model.config.grad_checkpoint, _, plan = M.plan_batch(model.config, args.max_len, 2 * args.batch_size, device,
                                                          2 * args.batch_size, args.grad_checkpoint, amp is not None, lm_head=False)
 
     per_step = args.batch_size * args.grad_accum * world

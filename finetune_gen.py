@@ -158,7 +158,7 @@ def main():
     args.seq_len = args.seq_len or model.config.max_seq_len
     if args.seq_len > model.config.max_seq_len:
         sys.exit(f"finetune_gen.py: --seq_len {args.seq_len} exceeds the model's context {model.config.max_seq_len}")
-    micro, model.config.grad_checkpoint, plan = M.plan_batch(model.config, args.seq_len, args.batch_size, device,
+    micro, model.config.grad_checkpoint, _, plan = M.plan_batch(model.config, args.seq_len, args.batch_size, device,
                                                              args.micro_batch, args.grad_checkpoint, amp is not None)
     accum = args.batch_size // micro
     torch.manual_seed(args.seed)

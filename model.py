@@ -506,67 +506,75 @@ def flops_per_token(cfg: ModelConfig, seq_len: int, lm_head: bool = True) -> flo
 
 
 def estimate_mfu(cfg: ModelConfig, seq_len: int, tokens_per_s: float, device_name=None, lm_head=True, peak=None):
-    """Model FLOPs utilisation in [0, 1] of one device at tokens_per_s (that device's own rate), or
-    None on CPU / unknown GPUs. peak: the device's FLOP/s, if not looked up from its name."""
+    """MFU in [0, 1] of one device at its own tokens_per_s; peak FLOP/s given or from the device's
+    name (None on CPU and unknown GPUs: no MFU)."""
     if device_name is None and torch.cuda.is_available():
         device_name = torch.cuda.get_device_name()
     peak = peak or next((f for k, f in GPU_PEAK_BF16_FLOPS.items() if device_name and k.lower() in device_name.lower()), None)
     return None if peak is None else flops_per_token(cfg, seq_len, lm_head) * tokens_per_s / peak
 
 
-CE_CHUNK = 2048  # positions per chunk of the LM loss: 2048 x 17727 float32 logits are 145 MB
+class _HeadCE(torch.autograd.Function):
+    """Cross-entropy of F.linear(h, w) summed over the rows whose target is not <P>, chunk by chunk, with the gradients
+    from the same pass (no logits kept or recomputed); matmuls under the caller's autocast, softmax and loss in float32."""
 
+    @staticmethod
+    def forward(ctx, h, w, y, chunk, grad):
+        total, ctx.w_dtype, dh, dw = h.new_zeros((), dtype=torch.float32), w.dtype, torch.empty_like(h), 0
+        for i in range(0, len(y), chunk):
+            hc, yc, keep = h[i:i + chunk], y[i:i + chunk, None], y[i:i + chunk, None] != tokenizer.PAD_ID
+            logits = F.linear(hc, w)  # (n, V)
+            with torch.autocast(h.device.type, enabled=False):
+                logp = logits.float().log_softmax(-1)
+                total = total - (logp.gather(1, yc) * keep).sum()
+                if grad:  # d/dlogits = softmax - onehot(target), 0 for <P> targets
+                    g = (logp.exp().scatter_add(1, yc, torch.full_like(logp[:, :1], -1.0)) * keep).to(logits.dtype)
+            if grad:
+                dh[i:i + chunk], dw = g @ w, dw + (g.T @ hc).float()
+        ctx.save_for_backward(dh, dw if grad else None)
+        return total
 
-def _ce_sum(h, weight, targets):
-    logits = F.linear(h, weight)  # (n, V) under the caller's autocast (bf16 on CUDA), as lm_head
-    with torch.autocast(h.device.type, enabled=False):
-        return F.cross_entropy(logits.float(), targets, ignore_index=tokenizer.PAD_ID, reduction="sum")
+    @staticmethod
+    def backward(ctx, g):
+        dh, dw = ctx.saved_tensors
+        return dh * g, (dw * g).to(ctx.w_dtype), None, None, None
 
 
 class LMLoss(nn.Module):
     """LMLoss(model)(batch (B, T+1) ids) -> mean next-token cross-entropy in float32, <P> targets
-    ignored: F.cross_entropy(model(batch[:, :-1]).float(), ...) without the (B, T, V) float32 logits.
-    Each chunk of positions makes its logits and loss and drops them; backward recomputes them (one
-    more head matmul, ~1% of a medium step). A module, so that DDP and compile wrap the whole loss."""
+    ignored: F.cross_entropy(model(batch[:, :-1]).float(), ...) without the (B, T, V) float32 logits
+    (_HeadCE, chunks of 2048 positions: 145 MB of logits). A module, so DDP and compile wrap it whole."""
 
-    def __init__(self, model, chunk=CE_CHUNK):
+    def __init__(self, model, chunk=2048):
         super().__init__()
         self.lm, self.chunk = model, chunk
 
     def forward(self, batch):
-        h, y, total = self.lm.hidden(batch[:, :-1]).flatten(0, 1), batch[:, 1:].flatten(), 0  # (B*T, d), (B*T,)
-        for i in range(0, len(y), self.chunk):
-            part = (h[i:i + self.chunk], self.lm.lm_head.weight, y[i:i + self.chunk])
-            total = total + (checkpoint(_ce_sum, *part, use_reentrant=False) if torch.is_grad_enabled() else _ce_sum(*part))
-        return total / (y != tokenizer.PAD_ID).sum()
-
-
-def train_memory(cfg, seq_len, micro, grad_ckpt, amp=True, lm_head=True):
-    """Bytes a training process needs, by arithmetic: 16 per parameter (weights, gradients, AdamW
-    moments; 18 with autocast's bf16 copies), and per token the activations kept for backward: 60·d
-    per layer under bf16 autocast, 106·d in float32 (58·d, 104·d counted in tests/test_model.py), or
-    with checkpointing each block's input (4·d) and one block being recomputed; one loss chunk."""
-    d, L, V, act = cfg.d_model, cfg.n_layers, cfg.vocab_size, 60 if amp else 106
-    per_token = d * (4 * L + 2 * act + 8 if grad_ckpt else act * L + 8)
-    params = flops_per_token(cfg, 0, lm_head) // 6 + d * V
-    return params * (18 if amp else 16) + micro * seq_len * per_token + (16 * CE_CHUNK * V if lm_head else 0)
+        h, y, w = self.lm.hidden(batch[:, :-1]).flatten(0, 1), batch[:, 1:].flatten(), self.lm.lm_head.weight  # (B*T, d)
+        grad = torch.is_grad_enabled() and (h.requires_grad or w.requires_grad)
+        return _HeadCE.apply(h, w, y, self.chunk, grad) / (y != tokenizer.PAD_ID).sum()
 
 
 def plan_batch(cfg, seq_len, batch, device, micro=0, grad_ckpt="auto", amp=True, lm_head=True, capacity=None):
-    """-> (micro-batch, checkpointing, a line saying so) for `batch` sequences per process and step:
-    the largest divisor of batch that fits 80% of the device's memory (free + held by torch), with
-    no activation checkpointing if any fits (no recompute). A given micro (> 0) or grad_ckpt
-    ("0"/"1") stays. Without a memory figure (CPU, MPS): the whole batch, no checkpointing."""
+    """-> (micro-batch, checkpointing, bytes needed, a line saying so) for `batch` sequences per process
+    and step: the largest divisor of batch that fits 80% of the GPU's memory (free + held by torch),
+    without activation checkpointing if one fits; a given micro (> 0) or grad_ckpt ("0"/"1") stays.
+    CPU, MPS: the whole batch. Bytes: 16 per parameter (weights, grads, AdamW; +2 for autocast's bf16
+    copies); per token the activations kept for backward, 60·d a layer under bf16 autocast, 106·d in
+    float32 (58·d, 104·d counted in tests/test_model.py) or, checkpointed, each block's input (4·d)
+    and one block recomputed; the loss's logits (2 x 2048 positions)."""
     if micro and batch % micro:
         raise SystemExit(f"--micro_batch {micro} does not divide --batch_size {batch}")
     if capacity is None and torch.device(device).type == "cuda":
         capacity = torch.cuda.mem_get_info(device)[0] + torch.cuda.memory_reserved(device)
-    sizes = [micro] if micro else [m for m in range(batch, 0, -1) if batch % m == 0]
-    plans = [(ck, m) for ck in ([False, True] if grad_ckpt == "auto" else [grad_ckpt == "1"]) for m in sizes]
-    need = {p: train_memory(cfg, seq_len, p[1], p[0], amp, lm_head) for p in plans}
-    ckpt, m = next((p for p in plans if capacity is None or need[p] <= 0.8 * capacity), plans[-1])  # else OOM says what to do
-    fits = f"; estimated {need[ckpt, m] / 2**30:.1f} of {capacity / 2**30:.1f} GiB" if capacity else ""
-    return m, ckpt, f"micro-batches of {m} x {seq_len} ({batch // m} per step), activation checkpointing {'on' if ckpt else 'off'}{fits}"
+    d, L, V, act = cfg.d_model, cfg.n_layers, cfg.vocab_size, 60 if amp else 106
+    fixed = (flops_per_token(cfg, 0, lm_head) // 6 + d * V) * (18 if amp else 16) + (2 * 2048 * V * 8 if lm_head else 0)
+    plans = {(ck, m): fixed + m * seq_len * d * (4 * L + 2 * act + 8 if ck else act * L + 8)
+             for ck in ([False, True] if grad_ckpt == "auto" else [grad_ckpt == "1"])
+             for m in ([micro] if micro else [m for m in range(batch, 0, -1) if batch % m == 0])}
+    ckpt, m = next((p for p, need in plans.items() if capacity is None or need <= 0.8 * capacity), list(plans)[-1])  # else OOM
+    fits = f"; estimated {plans[ckpt, m] / 2**30:.1f} of {capacity / 2**30:.1f} GiB" if capacity else ""
+    return m, ckpt, plans[ckpt, m], f"micro-batches of {m} x {seq_len} ({batch // m} per step), activation checkpointing {'on' if ckpt else 'off'}{fits}"
 
 
 def stratified_split(names, labels, valid_frac=0.1, test_frac=0.1):
@@ -583,9 +591,8 @@ def stratified_split(names, labels, valid_frac=0.1, test_frac=0.1):
 
 class StepSampler(torch.utils.data.Sampler):
     """This rank's sample indices from `step` on: micro-batch (step, micro) of rank r holds samples
-    ((step * accum + micro) * world + r) * B + [0, B). Datasets map an index g to its sample (epoch
-    g // len, shuffled by seed and epoch), so a step's global batch is the same for any number of
-    processes, and resuming at a step needs nothing else."""
+    ((step * accum + micro) * world + r) * B + [0, B). Datasets map an index g to its sample (epoch g // len,
+    shuffled by seed and epoch): a step's global batch is the same for any number of processes and micro-batches."""
 
     def __init__(self, step, batch_size, accum, rank, world):
         self.step, self.b, self.a, self.r, self.w = step, batch_size, accum, rank, world
@@ -597,13 +604,13 @@ class StepSampler(torch.utils.data.Sampler):
             k += 1
 
 
-PER_RUN_OPTIONS = {"resume", "stop_at", "device", "workers", "compile", "micro_batch", "grad_checkpoint", "peak_tflops"}  # how to run a job, not the run
+PER_RUN_OPTIONS = {"resume", "stop_at", "device", "workers", "compile", "micro_batch", "grad_checkpoint", "peak_tflops"}
 
 
 def resume_args(args, parser, argv=None):
     """With --resume, the settings saved in OUT/ckpt.pt come back; only options typed on this
-    command line override them (e.g. a longer --max_iters), and PER_RUN_OPTIONS are never
-    restored (a run started on CPU may resume on a GPU)."""
+    command line override them (e.g. a longer --max_iters), and PER_RUN_OPTIONS (how to run a job,
+    not the run) are never restored: a run started on CPU may resume on a GPU."""
     if not args.resume:
         return args
     ckpt_path = Path(args.out) / "ckpt.pt"
@@ -612,8 +619,7 @@ def resume_args(args, parser, argv=None):
     # mmap: only the settings are read, not gigabytes of weights and optimizer moments
     saved = torch.load(ckpt_path, map_location="cpu", weights_only=True, mmap=True).get("args", {})
     argv = sys.argv[1:] if argv is None else argv
-    typed = {a.dest for a in parser._actions for s in a.option_strings
-             if any(x == s or x.startswith(s + "=") for x in argv)}
+    typed = {a.dest for a in parser._actions for s in a.option_strings if any(x == s or x.startswith(s + "=") for x in argv)}
     if "grad_accum" in saved and not hasattr(args, "grad_accum"):  # batch_size was per micro-step before issue 21
         saved["batch_size"] *= saved["grad_accum"]
     for k, v in saved.items():

@@ -162,7 +162,7 @@ def main():
     cfg = M.PRESETS[args.preset]
     args.seq_len = args.seq_len or cfg.max_seq_len
     model = M.Aria(M.replace(cfg, max_seq_len=max(cfg.max_seq_len, args.seq_len))).to(device)
-    micro, model.config.grad_checkpoint, plan = M.plan_batch(model.config, args.seq_len, args.batch_size, device,
+    micro, model.config.grad_checkpoint, _, plan = M.plan_batch(model.config, args.seq_len, args.batch_size, device,
                                                              args.micro_batch, args.grad_checkpoint, amp is not None)
     accum = args.batch_size // micro
 
