@@ -527,10 +527,10 @@ class _HeadCE(torch.autograd.Function):
             with torch.autocast(h.device.type, enabled=False):
                 logp = logits.float().log_softmax(-1)
                 total = total - (logp.gather(1, yc) * keep).sum()
-                if grad:  # d/dlogits = softmax - onehot(target), 0 for <P> targets
-                    g = (logp.exp().scatter_add(1, yc, torch.full_like(logp[:, :1], -1.0)) * keep).to(logits.dtype)
+                if grad:  # d/dlogits = softmax - onehot(target), in place; rows of <P> targets masked below
+                    g = logp.exp_().scatter_add_(1, yc, torch.full_like(logp[:, :1], -1.0)).to(logits.dtype)
             if grad:
-                dh[i:i + chunk], dw = g @ w, dw + (g.T @ hc).float()
+                dh[i:i + chunk], dw = (g @ w) * keep, dw + (g.T @ (hc * keep)).float()
         ctx.save_for_backward(dh, dw if grad else None)
         return total
 
