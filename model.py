@@ -520,7 +520,7 @@ class _HeadCE(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, h, w, y, chunk, grad):
-        total, ctx.w_dtype, dh, dw = h.new_zeros((), dtype=torch.float32), w.dtype, torch.empty_like(h), 0
+        total, ctx.w_dtype, dh, dw = h.new_zeros((), dtype=torch.float32), w.dtype, torch.empty_like(h) if grad else None, 0
         for i in range(0, len(y), chunk):
             hc, yc, keep = h[i:i + chunk], y[i:i + chunk, None], y[i:i + chunk, None] != tokenizer.PAD_ID
             logits = F.linear(hc, w)  # (n, V)

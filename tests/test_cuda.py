@@ -287,6 +287,7 @@ def test_no_training_step_synchronizes_with_the_gpu(script, stage_inputs, tmp_pa
         stage.main()
     finally:
         torch.cuda.set_sync_debug_mode("default")
+        torch.set_float32_matmul_precision("highest")  # setup_distributed turned TF32 on for this process
     assert steps[0] == 3
 
 
