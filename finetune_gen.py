@@ -202,9 +202,10 @@ def main():
         n = min(len(val_set), args.eval_iters * args.batch_size)
         batches = [torch.stack([torch.from_numpy(val_set.sequence(g, False)) for g in range(i, min(i + micro, n))])
                    for i in range(0, n, micro)]
-        losses = [next_token_loss(raw, b.to(device), autocast) for b in batches]
+        # weighted by non-<P> targets: the mean over tokens, whatever micro-batches the GPU allows
+        losses = [(next_token_loss(raw, b.to(device), autocast), int((b[:, 1:] != T.PAD_ID).sum())) for b in batches]
         raw.train()
-        return torch.stack(losses).mean().item() if losses else None
+        return (sum(loss * k for loss, k in losses) / sum(k for _, k in losses)).item() if losses else None
 
     def save():
         if master:
