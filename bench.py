@@ -193,9 +193,11 @@ def bench_train(args):
             logits = m(b[:, :-1])
         return F.cross_entropy(logits.float().flatten(0, 1), b[:, 1:].flatten())
 
+    lm_loss = M.LMLoss(m)
+
     def chunked_loss(b):
         with autocast:
-            return M.LMLoss(m)(b)
+            return lm_loss(b)
     fns = {"chunked": chunked_loss, "full": full_logits_loss}
     if device.type == "cuda" and args.compile:
         fns = {k: torch.compile(f) for k, f in fns.items()}
