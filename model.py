@@ -506,8 +506,7 @@ def flops_per_token(cfg: ModelConfig, seq_len: int, lm_head: bool = True) -> flo
 
 
 def estimate_mfu(cfg: ModelConfig, seq_len: int, tokens_per_s: float, device_name=None, lm_head=True, peak=None):
-    """MFU in [0, 1] of one device at its own tokens_per_s; peak FLOP/s given or from the device's
-    name (None on CPU and unknown GPUs: no MFU)."""
+    """MFU in [0, 1] of one device at its own tokens_per_s; peak FLOP/s given or by name (else None: CPU, unknown GPUs)."""
     if device_name is None and torch.cuda.is_available():
         device_name = torch.cuda.get_device_name()
     peak = peak or next((f for k, f in GPU_PEAK_BF16_FLOPS.items() if device_name and k.lower() in device_name.lower()), None)
@@ -541,9 +540,8 @@ class _HeadCE(torch.autograd.Function):
 
 
 class LMLoss(nn.Module):
-    """LMLoss(model)(batch (B, T+1) ids) -> mean next-token cross-entropy in float32, <P> targets
-    ignored: F.cross_entropy(model(batch[:, :-1]).float(), ...) without the (B, T, V) float32 logits
-    (_HeadCE, chunks of 2048 positions: 145 MB of logits). A module, so DDP and compile wrap it whole."""
+    """LMLoss(model)(batch (B, T+1) ids) -> F.cross_entropy(model(batch[:, :-1]).float(), batch[:, 1:]) without <P>
+    targets or the (B, T, V) logits (_HeadCE, 2048 positions a chunk: 145 MB). A module: DDP and compile wrap it whole."""
 
     def __init__(self, model, chunk=2048):
         super().__init__()
@@ -556,13 +554,11 @@ class LMLoss(nn.Module):
 
 
 def plan_batch(cfg, seq_len, batch, device, micro=0, grad_ckpt="auto", amp=True, lm_head=True, capacity=None):
-    """-> (micro-batch, checkpointing, bytes needed, a line saying so) for `batch` sequences per process
-    and step: the largest divisor of batch that fits 80% of the GPU's memory (free + held by torch),
-    without activation checkpointing if one fits; a given micro (> 0) or grad_ckpt ("0"/"1") stays.
-    CPU, MPS: the whole batch. Bytes: 16 per parameter (weights, grads, AdamW; +2 for autocast's bf16
-    copies); per token the activations kept for backward, 60·d a layer under bf16 autocast, 106·d in
-    float32 (58·d, 104·d counted in tests/test_model.py) or, checkpointed, each block's input (4·d)
-    and one block recomputed; the loss's logits (2 x 2048 positions)."""
+    """-> (micro-batch, checkpointing, bytes, a line saying so) for `batch` sequences per process and step:
+    the largest divisor of batch that fits 80% of the GPU (free + held by torch), without checkpointing
+    if one fits; a given micro (> 0) or grad_ckpt ("0"/"1") stays; CPU, MPS: the whole batch. Bytes: 16
+    a parameter (+2: autocast's bf16 copies); per token and layer 60·d kept for backward under bf16, 106·d
+    in float32 (58·d, 104·d counted: tests/test_model.py), 4·d checkpointed (+ one block); 2 x 2048 logits."""
     if micro and batch % micro:
         raise SystemExit(f"--micro_batch {micro} does not divide --batch_size {batch}")
     if capacity is None and torch.device(device).type == "cuda":
@@ -574,7 +570,8 @@ def plan_batch(cfg, seq_len, batch, device, micro=0, grad_ckpt="auto", amp=True,
              for m in ([micro] if micro else [m for m in range(batch, 0, -1) if batch % m == 0])}
     ckpt, m = next((p for p, need in plans.items() if capacity is None or need <= 0.8 * capacity), list(plans)[-1])  # else OOM
     fits = f"; estimated {plans[ckpt, m] / 2**30:.1f} of {capacity / 2**30:.1f} GiB" if capacity else ""
-    return m, ckpt, plans[ckpt, m], f"micro-batches of {m} x {seq_len} ({batch // m} per step), activation checkpointing {'on' if ckpt else 'off'}{fits}"
+    return m, ckpt, plans[ckpt, m], (f"micro-batches of {m} x {seq_len} ({batch // m} per step), "
+                                     f"activation checkpointing {'on' if ckpt else 'off'}{fits}")
 
 
 def stratified_split(names, labels, valid_frac=0.1, test_frac=0.1):
