@@ -2,10 +2,10 @@
 The performance figures that README reports, one subcommand per component.
 
     python bench.py tokenizer [FILES_OR_DIRS...] [--pedal]   # notes/s: mido parse vs parse+tokenize, etc.
-    python bench.py quality --ckpt out/pretrain --data data/real --quantize int4   # KL, top-1, loss vs float32
-    python bench.py train --preset tiny --data data/synthetic   # fwd+bwd tokens/s, MFU; data loader tokens/s
+    python bench.py train --preset tiny --data data/synthetic   # a training step: tokens/s, MFU, peak memory; loader
     python bench.py sample --preset medium --quantize none,int8,int4   # ms/step, tokens/s, share of the bandwidth floor
     python bench.py sample [--preset tiny|small|medium] [--ckpt X] [--batch 1,8] [--prompt_len 1024] [--cuda_graph]
+    python bench.py quality --ckpt out/pretrain --data data/real --quantize int4   # KL, top-1, loss vs float32
 
 Each prints a small table and the median over --repeats runs of the whole file set.
 This is a benchmark, not a test: run it on a quiet machine.
@@ -266,44 +266,85 @@ def bench_quality(args):
     print(json.dumps({**{k: result["all"][k] for k in ("kl", "top1", "loss", "loss_float32")}, **result}))
 
 
+def rss_peak(reset=False):
+    """This process's resident-set high-water mark in bytes (Linux /proc); reset=True restarts it
+    from the current size first. None where /proc is missing."""
+    try:
+        if reset:
+            Path("/proc/self/clear_refs").write_text("5")
+        return next(int(line.split()[1]) * 1024 for line in open("/proc/self/status") if line.startswith("VmHWM"))
+    except (OSError, StopIteration):
+        return None
+
+
 def bench_train(args):
-    """Forward+backward tokens/s and MFU for a preset, and the data loader's tokens/s beside it."""
+    """One optimizer step of --batch sequences as pretrain.py runs it (micro-batches and activation
+    checkpointing from model.plan_batch, the chunked float32 loss model.LMLoss): ms/step, tokens/s,
+    MFU, peak memory; --full_logits times the old loss over the full (B, T, V) float32 logits beside
+    it. The data loader's tokens/s with --data."""
     import contextlib
     from dataclasses import replace
     import torch
     import torch.nn.functional as F
     import model as M
-    device = torch.device(args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
+    _, _, device = M.setup_distributed(args.device)  # TF32 for float32 matmuls on CUDA, as the stage scripts
     dtype = args.dtype if args.dtype != "auto" else "bfloat16" if device.type == "cuda" else "float32"
     torch.manual_seed(0)
-    cfg = replace(M.PRESETS[args.preset], max_seq_len=max(args.seq_len, M.PRESETS[args.preset].max_seq_len),
-                  grad_checkpoint=args.grad_checkpoint)
+    cfg = replace(M.PRESETS[args.preset], max_seq_len=max(args.seq_len, M.PRESETS[args.preset].max_seq_len))
     m = M.Aria(cfg).to(device).train()
+    micro, m.config.grad_checkpoint, _, plan = M.plan_batch(m.config, args.seq_len, args.batch, device, args.micro_batch,
+                                                         args.grad_checkpoint, dtype == "bfloat16")
     opt = M.configure_optimizer(m, device_type=device.type)
-    step_model = torch.compile(m) if device.type == "cuda" and args.compile else m
     autocast = (torch.autocast(device.type, dtype=torch.bfloat16) if dtype == "bfloat16"
                 else contextlib.nullcontext())
     batch = torch.randint(6, cfg.vocab_size, (args.batch, args.seq_len + 1), device=device)
 
-    def step():
+    def full_logits_loss(b):  # the loss before issue 21: all (B, T, V) logits, then float32
         with autocast:
-            logits = step_model(batch[:, :-1])  # (B, T, V)
-        # the loss in float32, outside autocast (its matmuls would run in bf16)
-        loss = F.cross_entropy(logits.float().flatten(0, 1), batch[:, 1:].flatten())
-        loss.backward()
+            logits = m(b[:, :-1])
+        return F.cross_entropy(logits.float().flatten(0, 1), b[:, 1:].flatten())
+
+    lm_loss = M.LMLoss(m)
+
+    def chunked_loss(b):
+        with autocast:
+            return lm_loss(b)
+    fns = {"chunked": chunked_loss, "full": full_logits_loss}
+    if device.type == "cuda" and args.compile:
+        fns = {k: torch.compile(f) for k, f in fns.items()}
+    loss_fn = fns["full" if args.full_logits else "chunked"]
+
+    def step(fn=None):
+        for i in range(0, args.batch, micro):
+            ((fn or loss_fn)(batch[i:i + micro]) * micro / args.batch).backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
 
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     for _ in range(args.warmup):
-        step()
+        step(fns["chunked"]), step(fns["full"]) if args.compare else step()
     sync()
+    if args.compare:  # both losses in this process, alternating step by step (VMs vary 2x between runs)
+        times = {k: [] for k in fns}
+        for r in range(args.steps):
+            for k in (list(fns) if r % 2 else list(fns)[::-1]):
+                times[k].append(timed(lambda: (step(fns[k]), sync()), 1))
+        t = {k: statistics.median(v) for k, v in times.items()}
+        print(f"train: {args.preset}, batch {args.batch} x {args.seq_len} ({plan}), {dtype}, {device_name(device.type)}, "
+              f"{args.steps} alternating steps each: chunked loss {t['chunked'] * 1e3:.0f} ms/step, full float32 logits "
+              f"{t['full'] * 1e3:.0f} ms/step; chunked tokens/s = {t['full'] / t['chunked']:.3f}x the full loss's")
+        return
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    base = rss_peak(reset=True)
     t = timed(lambda: (step(), sync()), args.steps)
+    peak = torch.cuda.max_memory_allocated() if device.type == "cuda" else rss_peak() - base if base else None
     tok_s = args.batch * args.seq_len / t
     mfu = M.estimate_mfu(cfg, args.seq_len, tok_s) if device.type == "cuda" else None
-    print(f"train: {args.preset} ({m.num_params() / 1e6:.1f}M), batch {args.batch} x {args.seq_len}, {dtype}, "
-          f"{device_name(device.type)}: {t * 1e3:.0f} ms/step, {tok_s:,.0f} tokens/s"
-          + (f", MFU {100 * mfu:.1f}%" if mfu else ""))
+    print(f"train: {args.preset} ({m.num_params() / 1e6:.1f}M), batch {args.batch} x {args.seq_len} ({plan}), {dtype}, "
+          f"{'full float32 logits' if args.full_logits else 'chunked loss'}, {device_name(device.type)}: "
+          f"{t * 1e3:.0f} ms/step, {tok_s:,.0f} tokens/s" + (f", MFU {100 * mfu:.1f}%" if mfu else "")
+          + (f", peak {'allocated' if device.type == 'cuda' else 'RSS growth in a step'} {peak / 2**20:,.0f} MiB" if peak else ""))
     if args.data:
         import pretrain
         ds = pretrain.PackedWindows(args.data, "train", args.seq_len, 0, True)
@@ -369,14 +410,18 @@ def main():
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--preset", default="tiny", choices=["tiny", "small", "medium"], help="model shape")
     p.add_argument("--seq_len", type=int, default=512, help="tokens per sequence (8192 for the paper's medium)")
-    p.add_argument("--batch", type=int, default=4, help="sequences per step")
+    p.add_argument("--batch", type=int, default=4, help="sequences per optimizer step (paper §4.1: 16 per GPU)")
+    p.add_argument("--micro_batch", type=int, default=0, help="sequences per forward/backward (0: planned from the GPU's memory)")
     p.add_argument("--steps", type=int, default=5, help="timed steps (median reported)")
     p.add_argument("--warmup", type=int, default=2, help="untimed steps first (compilation)")
     p.add_argument("--device", default="auto", help="cpu, cuda or auto")
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"],
                    help="bfloat16: matmuls under autocast, as pretrain.py on CUDA; auto: bfloat16 on CUDA")
     p.add_argument("--compile", type=int, default=1, help="torch.compile on CUDA (1/0)")
-    p.add_argument("--grad_checkpoint", action="store_true", help="activation checkpointing")
+    p.add_argument("--grad_checkpoint", nargs="?", const="1", default="auto", choices=["auto", "0", "1"],
+                   help="activation checkpointing (auto: only if no micro-batch fits without)")
+    p.add_argument("--full_logits", action="store_true", help="the loss over all (B, T, V) float32 logits (before issue 21)")
+    p.add_argument("--compare", action="store_true", help="time the chunked and the full-logits loss alternately in one process")
     p.add_argument("--data", default=None, help="a prepared dataset: also time the augmenting data loader")
     p.add_argument("--workers", type=int, default=2, help="data loader workers")
     p.set_defaults(fn=bench_train)

@@ -21,8 +21,9 @@ embeddings of the CSV's train split: AdamW (lr 3e-4, weight decay 0.1, betas (0.
 the learning rate decaying linearly to 0, separately for 10, 20 and 50 epochs; it reports accuracy
 and macro-F1 on the test split for each and, as the paper does, the best.
 
-Precision: float32 by default on every device (the official vectors within 2e-7; bf16 autocast on CUDA
-has not run on a GPU yet). With --dtype bfloat16 only the model's forward runs under autocast;
+Precision: float32 by default (--dtype auto), with TF32 matmuls on CUDA; --dtype float32 keeps
+IEEE float32 matmuls there too (the official vectors within 2e-7; TF32 and bf16 autocast have not
+run on a GPU yet). With --dtype bfloat16 only the model's forward runs under autocast;
 its outputs are taken to float32, and everything after it (the mean over chunks, cosines, the probe,
 PCA) runs in float32 or float64 with autocast off, even inside a caller's autocast.
 """
@@ -65,7 +66,8 @@ def get_args(argv=None):
                     help="print the K files most similar (cosine) to the MIDI file QUERY among the inputs")
     ap.add_argument("--probe", default=None, metavar="LABELS.csv",
                     help="linear probe (paper §4.1): CSV with path (relative to the CSV or absolute), label and "
-                         "split (train/valid/test) columns; its files are embedded too")
+                         "split (train/valid/test) columns; without the split column the deterministic stratified "
+                         "split of finetune_cls.py (80/10/10 per class); its files are embedded too")
     ap.add_argument("--path_col", default="path", help="CSV column of the paths")
     ap.add_argument("--label_col", default="label", help="CSV column of the labels (Pianist8: pianist)")
     ap.add_argument("--split_col", default="split", help="CSV column of the split (Pianist8: split_midibert)")
@@ -83,10 +85,11 @@ def get_args(argv=None):
                     help="embed only the first this many chunks of each file (0: all, as official); for quick looks")
     ap.add_argument("--batch_size", type=int, default=16, help="chunks per forward pass")
     ap.add_argument("--device", default="auto", help="cpu, cuda, mps or auto")
-    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
-                    help="the model's matmuls: float32 reproduces the official vectors (within 2e-7); bfloat16 runs "
-                         "the forward under autocast (faster on a GPU; on CPU it shows what CUDA does); means, "
-                         "cosines, probe and PCA are float32 either way")
+    ap.add_argument("--dtype", default="auto", choices=["auto", "float32", "tf32", "bfloat16"],
+                    help="the model's matmuls: float32 reproduces the official vectors (within 2e-7); tf32: float32 "
+                         "with TF32 matmuls on CUDA (as float32 elsewhere); auto: tf32 on CUDA, float32 elsewhere; "
+                         "bfloat16 runs the forward under autocast (on CPU it shows what CUDA does); means, cosines, "
+                         "probe and PCA are float32 either way")
     ap.add_argument("--seed", type=int, default=0, help="probe initialisation and shuffling")
     args = ap.parse_args(argv)
     if not (args.out or args.nearest or args.probe or args.map):
@@ -243,7 +246,9 @@ def cosine_nearest(emb, query, k):
 
 
 def read_labels(csv_path, path_col="path", label_col="label", split_col="split"):
-    """-> rows (path resolved against the CSV's folder, label, split). Raises Fail on anything malformed."""
+    """-> (rows (path resolved against the CSV's folder, label, split), "csv" or "stratified"). Without
+    a split column (the default name absent) model.stratified_split decides, as in finetune_cls.py.
+    Raises Fail on anything malformed."""
     p = Path(csv_path)
     if not p.is_file():
         raise Fail(f"{p}: no such labels file")
@@ -255,7 +260,8 @@ def read_labels(csv_path, path_col="path", label_col="label", split_col="split")
             raw = list(reader)
     except (UnicodeDecodeError, csv.Error) as e:
         raise Fail(f"{p}: not a readable CSV file ({e})") from None
-    for col in (path_col, label_col, split_col):
+    has_split = split_col in cols or split_col != "split"
+    for col in (path_col, label_col) + ((split_col,) if has_split else ()):
         if col not in cols:
             raise Fail(f"{p}: no column {col!r} (columns: {', '.join(cols) or 'none'}); see --path_col/--label_col/--split_col")
     rows = []
@@ -263,15 +269,18 @@ def read_labels(csv_path, path_col="path", label_col="label", split_col="split")
         path, label, split = ((r.get(c) or "").strip() for c in (path_col, label_col, split_col))
         if not path or not label:
             raise Fail(f"{p}:{line}: empty {path_col if not path else label_col}")
-        if split.lower() not in SPLIT_ALIASES:
+        if not has_split:
+            split = "train"  # replaced below
+        elif split.lower() not in SPLIT_ALIASES:
             raise Fail(f"{p}:{line}: unknown split {split!r} in column {split_col!r} (expected train, valid or test)")
         full = Path(path) if Path(path).is_absolute() else p.parent / path
         if not full.is_file():
             raise Fail(f"{p}:{line}: {path}: no such file (paths are relative to {p.parent})")
-        rows.append((str(full), label, SPLIT_ALIASES[split.lower()]))
+        rows.append((str(full), label, SPLIT_ALIASES[split.lower()], path))
     if not rows:
         raise Fail(f"{p}: no rows")
-    return rows
+    splits = [r[2] for r in rows] if has_split else M.stratified_split([r[3] for r in rows], [r[1] for r in rows])
+    return [(full, label, split) for (full, label, _, _), split in zip(rows, splits)], "csv" if has_split else "stratified"
 
 
 def metrics(y_true, y_pred, n_classes):
@@ -438,7 +447,7 @@ def run(args):
             raise Fail("--nearest K QUERY: K must be at least 1")
         if not Path(args.nearest[1]).is_file():
             raise Fail(f"{args.nearest[1]}: no such file (the --nearest query)")
-    rows = read_labels(args.probe, args.path_col, args.label_col, args.split_col) if args.probe else []
+    rows, split = read_labels(args.probe, args.path_col, args.label_col, args.split_col) if args.probe else ([], None)
     files = find_midi(args.inputs)
     seen = {os.path.realpath(f) for f in files}
     for path, _, _ in rows:  # the CSV's files, unless already given
@@ -458,13 +467,14 @@ def run(args):
         ok = files
         emb = emb_all[[where[os.path.realpath(f)] for f in files]]
     else:
-        _, _, device = M.setup_distributed(args.device)
+        _, _, device = M.setup_distributed(args.device, tf32=args.dtype in ("auto", "tf32"))
         dtype = torch.bfloat16 if args.dtype == "bfloat16" else torch.float32
+        tf32 = device.type == "cuda" and args.dtype in ("auto", "tf32")
         model = load_embedder(args.ckpt, device, args.head)
         emb, ok, errors = embed_files(model, files, args.batch_size, args.head, args.notes_per_chunk, args.max_len,
                                       args.max_chunks, on_error=warn, dtype=dtype)
         print(f"embed.py: {len(ok)} files embedded ({emb.shape[1]} dims, head {args.head}, "
-              f"{'bfloat16 autocast' if dtype == torch.bfloat16 else 'float32'} on {device})"
+              f"{'bfloat16 autocast' if dtype == torch.bfloat16 else 'float32, TF32 matmuls' if tf32 else 'float32'} on {device})"
               + (f", {len(errors)} skipped" if errors else ""), file=sys.stderr, flush=True)
         if not ok:
             raise Fail("none of the files could be embedded")
@@ -497,7 +507,10 @@ def run(args):
         lab = [labels[os.path.realpath(ok[i])] for i in keep]
         res = linear_probe(emb[keep], [l for l, _ in lab], [s for _, s in lab], epochs, args.probe_lr,
                            args.probe_batch_size, args.probe_weight_decay, args.seed)
-        res["skipped"] = len(rows) - len(keep)
+        res["skipped"], res["split"] = len(rows) - len(keep), split
+        if split == "stratified":
+            print(f"embed.py: {args.probe} has no {args.split_col!r} column: the deterministic stratified split of "
+                  "finetune_cls.py (80/10/10 per class)", file=sys.stderr)
         print(format_probe(res) + (f"\n({res['skipped']} labelled files could not be embedded)" if res["skipped"] else ""))
         if args.probe_out:
             res["settings"] = {o: getattr(args, o) for o in ("probe_lr", "probe_batch_size", "probe_weight_decay", "seed")}

@@ -23,7 +23,6 @@ float32 outside autocast.
 import argparse
 import contextlib
 import csv
-import hashlib
 import json
 import math
 import multiprocessing
@@ -51,7 +50,7 @@ class Fail(Exception):
 
 
 # how log records print on stdout (OUT/log.jsonl has them as JSON)
-LOG_FORMAT = {"loss": "loss {:.4f}", "lr": "lr {:.2e}", "ms": "{:.0f} ms/step", "tok_s": "{:,} tok/s",
+LOG_FORMAT = {"loss": "loss {:.4f}", "lr": "lr {:.2e}", "ms": "{:.0f} ms/step", "tok_s": "{:,} tok/s per process",
               "mfu": "MFU {:.1%}", "eta_s": "ETA {}s"}
 
 
@@ -84,8 +83,8 @@ def get_args(argv=None):
                     help="for --predict: a finetuned checkpoint file or output folder (its best.pt, else ckpt.pt); default --out")
     ap.add_argument("--out", default="out/cls", help="checkpoints (ckpt.pt, best.pt), log.jsonl and results.json go here")
     ap.add_argument("--batch_size", type=int, default=16,
-                    help="slices per process per micro-step (not stated in paper or SPEC; pretraining's 16 per GPU)")
-    ap.add_argument("--grad_accum", type=int, default=1, help="micro-steps per optimizer step")
+                    help="slices per process per optimizer step (not stated in paper or SPEC; pretraining's 16 per GPU)")
+    ap.add_argument("--micro_batch", type=int, default=0, help="slices per forward/backward (0: the most that fit the GPU's memory; all on CPU)")
     ap.add_argument("--lr", type=float, default=1e-5, help="peak learning rate (paper §4.1)")
     ap.add_argument("--warmup", type=int, default=0, help="linear warmup steps (paper §4.1: none)")
     ap.add_argument("--final_lr_frac", type=float, default=0.1,
@@ -95,7 +94,8 @@ def get_args(argv=None):
     ap.add_argument("--epochs", type=float, default=10, help="passes over the training slices (paper §4.1: 10, the best one reported)")
     ap.add_argument("--max_iters", type=int, default=None, help="optimizer steps (default: from --epochs)")
     ap.add_argument("--stop_at", type=int, default=None, help="stop after this step without ending the schedule (split a run into jobs)")
-    ap.add_argument("--grad_checkpoint", action="store_true", help="recompute activations in backward to save memory")
+    ap.add_argument("--grad_checkpoint", nargs="?", const="1", default="auto", choices=["auto", "0", "1"],
+                    help="recompute each block's activations in backward (auto: only if no micro-batch fits without)")
     ap.add_argument("--log_interval", type=int, default=10, help="steps per log line (evaluation: after every epoch, paper §4.1)")
     ap.add_argument("--ckpt_interval", type=int, default=None, help="steps between checkpoints (default: one epoch; and one at the end)")
     ap.add_argument("--workers", type=int, default=2, help="data loader worker processes")
@@ -103,6 +103,7 @@ def get_args(argv=None):
     ap.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"],
                     help="autocast dtype of the model (loss and aggregation: float32); auto: bfloat16 on CUDA only")
     ap.add_argument("--compile", type=int, default=1, help="torch.compile the model on CUDA (1/0)")
+    ap.add_argument("--peak_tflops", type=float, default=0, help="the device's dense bf16 TFLOP/s for MFU (0: from the GPU's name)")
     ap.add_argument("--seed", type=int, default=0, help="model/head init, data order, --n_train subset and augmentation")
     ap.add_argument("--resume", action="store_true", help="continue from OUT/ckpt.pt with its saved settings")
     argv = sys.argv[1:] if argv is None else argv
@@ -117,7 +118,7 @@ def get_args(argv=None):
 def read_labels(csv_path, path_col="path", label_col="label", split_col="split", split_required=False,
                 valid_frac=0.1, test_frac=0.1):
     """-> (rows (full path, label, split, path as written), sorted classes, has_split). Without a
-    split column, stratified_split decides. Raises Fail with one line on anything malformed."""
+    split column, model.stratified_split decides. Raises Fail with one line on anything malformed."""
     p = Path(csv_path)
     if not p.is_file():
         raise Fail(f"{p}: no such labels file")
@@ -159,26 +160,9 @@ def read_labels(csv_path, path_col="path", label_col="label", split_col="split",
     if len(classes) < 2:
         raise Fail(f"{p}: a single class ({classes[0]!r}) in column {label_col!r}; a classifier needs two or more")
     if not has_split:
-        splits = stratified_split([r[3] for r in rows], [r[1] for r in rows], valid_frac, test_frac)
+        splits = M.stratified_split([r[3] for r in rows], [r[1] for r in rows], valid_frac, test_frac)
         rows = [(a, b, s, d) for (a, b, _, d), s in zip(rows, splits)]
     return rows, classes, has_split
-
-
-def stratified_split(names, labels, valid_frac=0.1, test_frac=0.1):
-    """Deterministic per-class split: each class's files ordered by a hash of their CSV path
-    (stable when files are added, independent of --seed, so seeds compare the same data); the
-    first round(test_frac * n) go to test, the next round(valid_frac * n) to valid, at least one
-    each when a class has three or more files."""
-    out = ["train"] * len(names)
-    for c in sorted(set(labels)):
-        idx = sorted((i for i, l in enumerate(labels) if l == c), key=lambda i: hashlib.sha1(names[i].encode()).hexdigest())
-        n = len(idx)
-        k_test, k_valid = round(test_frac * n), round(valid_frac * n)
-        if n >= 3:
-            k_test, k_valid = max(k_test, 1 if test_frac > 0 else 0), max(k_valid, 1 if valid_frac > 0 else 0)
-        for j, i in enumerate(idx[:k_test + k_valid]):
-            out[i] = "test" if j < k_test else "valid"
-    return out
 
 
 def balanced_subset(labels, n, seed):
@@ -276,16 +260,20 @@ class SliceSet(torch.utils.data.Dataset):
         return torch.from_numpy(T.fit_length(x, self.width)), eos, self.labels[k]
 
 
-def cls_loss(model, batch, autocast=contextlib.nullcontext()):
+def cls_loss(model, batch, autocast=contextlib.nullcontext(), device=None):
     """Cross-entropy of the class head at each slice's <E> (SPEC §C.4) -> (loss, non-pad tokens).
-    The model runs under `autocast`; the loss is float32, outside it."""
+    batch: the loader's CPU tensors (ids (B, L), <E> positions, labels), cut and counted on the host
+    (.numpy() refuses a device tensor), then moved to `device`: a step never waits for the GPU. The
+    model runs under `autocast`; the loss is float32, outside it."""
     ids, eos, y = batch
     # causal attention: nothing after the batch's last <E> changes the outputs read, so it is cut;
     # the length rounded up to a multiple of 64 keeps the number of shapes (compile) small
-    ids = ids[:, :min(ids.shape[1], -(-(int(eos.max()) + 1) // 64) * 64)]
+    ids = ids[:, :min(ids.shape[1], -(-(eos.numpy().max() + 1) // 64) * 64)]
+    n = int((ids.numpy() != T.PAD_ID).sum())
+    ids, eos, y = (x.to(device, non_blocking=True) for x in (ids, eos, y)) if device else (ids, eos, y)
     with autocast:
         logits = model(ids, out_pos=eos)  # (B, C)
-    return F.cross_entropy(logits.float(), y), int((ids != T.PAD_ID).sum())
+    return F.cross_entropy(logits.float(), y), n
 
 
 # -----------------------------------------------------------------------------
@@ -375,7 +363,7 @@ def predict_main(args):
 
 
 def build_model(args, n_classes, out):
-    overrides = dict(class_size=n_classes, resid_dropout=args.resid_dropout, grad_checkpoint=args.grad_checkpoint)
+    overrides = dict(class_size=n_classes, resid_dropout=args.resid_dropout)
     torch.manual_seed(args.seed)  # the fresh class head (and everything with --init none)
     if args.resume:  # our own checkpoint (the loop restores the optimizer, step and RNG)
         return M.load_model(Path(out) / "ckpt.pt", heads=("cls",), **overrides)
@@ -447,7 +435,9 @@ def train(args):
     model = build_model(args, len(classes), out).to(device).train()
     train_slices = [s for f in files["train"] for s in f[2]]
     train_labels = [f[1] for f in files["train"] for _ in f[2]]
-    per_step = args.batch_size * args.grad_accum * world
+    micro, model.config.grad_checkpoint, _, plan = M.plan_batch(model.config, args.slice_len, args.batch_size, device, args.micro_batch,
+                                                             args.grad_checkpoint, amp is not None, lm_head=False)
+    accum, per_step = args.batch_size // micro, args.batch_size * world
     train_set = SliceSet(train_slices, train_labels, per_step, args.seed, args.augment)
     spe = train_set.steps_per_epoch
     if args.max_iters is None:
@@ -462,7 +452,7 @@ def train(args):
         f"init {f'none ({args.preset}, random)' if args.init in (None, '', 'none') else args.init} "
         f"({model.num_params() / 1e6:.1f}M params) on {device}, world {world}, "
         f"{'autocast ' + str(amp).replace('torch.', '') if amp else 'float32'}; {args.max_iters} steps of "
-        f"{per_step} slices ({args.max_iters / spe:.2f} epochs of {spe} steps)")
+        f"{per_step} slices ({args.max_iters / spe:.2f} epochs of {spe} steps); per process {plan}")
 
     # optimizer; --resume restores weights, optimizer moments, step and RNG (dropout masks included)
     opt = M.configure_optimizer(model, args.lr, args.weight_decay, device_type=device.type)
@@ -475,11 +465,11 @@ def train(args):
             torch.cuda.set_rng_state(ckpt["rng_cuda"], device)
         history = ckpt.get("history", [])  # evaluated epochs up to this step
         say(f"resuming from {out / 'ckpt.pt'} at step {step}")
-    raw = model  # what we save and evaluate: not compiled, not wrapped
+    raw, ddp = model, None  # what we save and evaluate: `raw`; compile wraps DDP (pretrain.py says why)
+    if torch.distributed.is_initialized():
+        model = ddp = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
     if device.type == "cuda" and args.compile:
         model = torch.compile(model)
-    if world > 1:
-        model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
 
     def by_selection(e):  # the best epoch: valid (else test) accuracy, then macro-F1, then the earlier
         return e[select]["accuracy"], e[select]["macro_f1"], -e["step"]
@@ -489,7 +479,7 @@ def train(args):
         to results.json; best.pt keeps the best epoch's weights for --predict."""
         entry = {"epoch": round(step / spe, 3), "step": step}
         for name, fs in eval_sets.items():
-            probs = predict_files(raw, [f[2] for f in fs], device, args.batch_size, rank, world, autocast)
+            probs = predict_files(raw, [f[2] for f in fs], device, micro, rank, world, autocast)
             entry[name] = metrics([f[1] for f in fs], probs.argmax(1).tolist(), classes)
         raw.train()
         history[:] = [e for e in history if e["step"] != step] + [entry]
@@ -530,7 +520,7 @@ def train(args):
     # the loader yields this rank's micro-batches from `step` on (M.StepSampler); its own
     # generator, so that starting it does not draw from the restored global RNG
     loader = torch.utils.data.DataLoader(
-        train_set, batch_size=args.batch_size, sampler=M.StepSampler(step, args.batch_size, args.grad_accum, rank, world),
+        train_set, batch_size=micro, sampler=M.StepSampler(step, micro, accum, rank, world),
         num_workers=args.workers, pin_memory=device.type == "cuda", persistent_workers=args.workers > 0,
         generator=torch.Generator().manual_seed(0))
     batches = iter(loader)
@@ -545,17 +535,20 @@ def train(args):
         for group in opt.param_groups:
             group["lr"] = lr
         loss_sum = torch.zeros((), device=device)
-        for micro in range(args.grad_accum):
-            batch = [x.to(device, non_blocking=True) for x in next(batches)]  # ids (B, L), <E> positions, labels
-            if world > 1:  # all-reduce gradients in the last micro-step's backward only
-                model.require_backward_grad_sync = micro == args.grad_accum - 1
-            loss, n = cls_loss(model, batch, autocast)
-            (loss / args.grad_accum).backward()
-            loss_sum += loss.detach() / args.grad_accum
-            n_tokens += n * world
-        if args.grad_clip:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
-        opt.step()
+        try:
+            for i in range(accum):
+                if ddp is not None:  # under torchrun: all-reduce gradients in the last micro-step's backward only
+                    ddp.require_backward_grad_sync = i == accum - 1
+                loss, n = cls_loss(model, next(batches), autocast, device)  # CPU ids (B, L), <E> positions, labels
+                (loss / accum).backward()
+                loss_sum += loss.detach() / accum
+                n_tokens += n  # this process's: tokens/s and MFU are per process (per GPU)
+            if args.grad_clip:
+                torch.nn.utils.clip_grad_norm_(raw.parameters(), args.grad_clip)
+            opt.step()
+        except torch.cuda.OutOfMemoryError:
+            raise Fail(f"out of GPU memory with micro-batches of {micro} x {args.slice_len} and activation checkpointing "
+                       f"{'on' if raw.config.grad_checkpoint else 'off'}: lower --micro_batch or set --grad_checkpoint 1") from None
         opt.zero_grad(set_to_none=True)
         step += 1
         n_steps += 1
@@ -571,7 +564,8 @@ def train(args):
             busy += time.time() - t_mark
             rec = {"step": step, "loss": round(loss, 6), "lr": float(f"{lr:.3e}")}
             if n_steps:  # tokens: the slices' non-pad tokens
-                mfu = M.estimate_mfu(raw.config, args.slice_len, n_tokens / busy, lm_head=False) if device.type == "cuda" else None
+                mfu = M.estimate_mfu(raw.config, args.slice_len, n_tokens / busy, lm_head=False, peak=args.peak_tflops * 1e12) \
+                    if device.type == "cuda" or args.peak_tflops else None
                 rec.update(ms=round(1e3 * busy / n_steps, 1), tok_s=round(n_tokens / busy),
                            **({"mfu": round(mfu, 4)} if mfu else {}), eta_s=round((stop - step) * busy / n_steps))
             log(rec)

@@ -59,7 +59,7 @@ class Fail(Exception):
 
 # how log records print on stdout (OUT/log.jsonl has them as JSON)
 LOG_FORMAT = {"loss": "loss {:.4f}", "val_loss": "val_loss {:.4f}", "val_top1": "val_top1 {:.4f}", "lr": "lr {:.2e}",
-              "ms": "{:.0f} ms/step", "tok_s": "{:,} tok/s", "mfu": "MFU {:.1%}", "eta_s": "ETA {}s"}
+              "ms": "{:.0f} ms/step", "tok_s": "{:,} tok/s per process", "mfu": "MFU {:.1%}", "eta_s": "ETA {}s"}
 
 
 def get_args(argv=None):
@@ -99,7 +99,9 @@ def get_args(argv=None):
     ap.add_argument("--epochs", type=float, default=25, help="passes over the files, one pair per file each (paper §4.1)")
     ap.add_argument("--max_iters", type=int, default=None, help="optimizer steps (default: from --epochs)")
     ap.add_argument("--stop_at", type=int, default=None, help="stop after this step without ending the schedule (split a run into jobs)")
-    ap.add_argument("--grad_checkpoint", action="store_true", help="recompute activations in backward to save memory")
+    ap.add_argument("--grad_checkpoint", nargs="?", const="1", default="auto", choices=["auto", "0", "1"],
+                    help="recompute each block's activations in backward (auto: if the batch does not fit the GPU without; "
+                         "it is not split into micro-batches, which would take negatives away)")
     ap.add_argument("--eval_interval", type=int, default=None, help="steps between evaluations (default: one epoch; 0: only at the end)")
     ap.add_argument("--eval_files", type=int, default=128,
                     help="validation files per evaluation (their pairs are fixed, without augmentation)")
@@ -111,6 +113,7 @@ def get_args(argv=None):
                     help="autocast dtype of the model's forward/backward (the loss is always float32); "
                          "auto: bfloat16 on CUDA, float32 elsewhere")
     ap.add_argument("--compile", type=int, default=1, help="torch.compile the model on CUDA (1/0)")
+    ap.add_argument("--peak_tflops", type=float, default=0, help="the device's dense bf16 TFLOP/s for MFU (0: from the GPU's name)")
     ap.add_argument("--seed", type=int, default=0,
                     help="head init (all weights with --init none), data order, slices, augmentation")
     ap.add_argument("--resume", action="store_true", help="continue from OUT/ckpt.pt with its saved settings")
@@ -232,7 +235,7 @@ def nt_xent(z1, z2, temperature=0.1):
     z = F.normalize(torch.cat([z1, z2]).float(), dim=-1)
     sim = z @ z.T / temperature
     sim = sim.masked_fill(torch.eye(2 * n, dtype=torch.bool, device=z.device), float("-inf"))
-    target = torch.cat([torch.arange(n, 2 * n), torch.arange(n)]).to(z.device)
+    target = torch.arange(2 * n, device=z.device).roll(n)  # n..2n-1, 0..n-1; made on the device: no host copy
     return F.cross_entropy(sim, target)
 
 
@@ -290,29 +293,28 @@ def pair_loss(z1, z2, loss="ntxent", temperature=0.1, distributed=True):
     return LOSSES[loss](z1, z2, temperature)
 
 
-def trimmed(ids, eos, multiple=64):
-    # causal: nothing after the batch's last <E> can change an output we read, so drop it;
-    # rounded up to a multiple of 64 to keep the number of shapes (compile) small
-    n = min(ids.shape[-1], -(-(int(eos.max()) + 1) // multiple) * multiple)
-    return ids[..., :n]
-
-
-def embed_pairs(model, batch):
-    """batch (ids (B, 2, L), eos (B, 2)) -> (z1 (B, E), z2 (B, E), non-pad tokens)."""
+def embed_pairs(model, batch, device=None):
+    """batch: the loader's CPU tensors (ids (B, 2, L), eos (B, 2)) -> (z1 (B, E), z2 (B, E), non-pad
+    tokens). Cut and counted on the host (.numpy() refuses a device tensor), then moved to `device`:
+    nothing here waits for the GPU."""
     ids, eos = batch
     B = ids.shape[0]
-    ids = trimmed(ids, eos).reshape(2 * B, -1)
+    # causal: nothing after the batch's last <E> can change an output we read, so drop it;
+    # rounded up to a multiple of 64 to keep the number of shapes (compile) small
+    ids = ids[..., :min(ids.shape[-1], -(-(eos.numpy().max() + 1) // 64) * 64)].reshape(2 * B, -1)
+    n = int((ids.numpy() != T.PAD_ID).sum())
+    ids, eos = (x.to(device, non_blocking=True) for x in (ids, eos)) if device else (ids, eos)
     z = model(ids, out_pos=eos.reshape(2 * B)).view(B, 2, -1)  # row 2b + v: file b, view v
-    return z[:, 0], z[:, 1], int((ids != T.PAD_ID).sum())
+    return z[:, 0], z[:, 1], n
 
 
 def contrastive_loss(model, batch, autocast=contextlib.nullcontext(), loss="ntxent", temperature=0.1,
-                     distributed=False):
-    """One micro-batch's loss -> (loss, non-pad tokens). The model runs under `autocast` (bf16 on
-    CUDA); the embeddings are then taken to float32 and the similarities, softmax and loss are
-    computed outside autocast, where a matmul stays float32."""
+                     distributed=False, device=None):
+    """One micro-batch's loss -> (loss, non-pad tokens); batch as embed_pairs'. The model runs under
+    `autocast` (bf16 on CUDA); the embeddings are then taken to float32 and the similarities,
+    softmax and loss are computed outside autocast, where a matmul stays float32."""
     with autocast:
-        z1, z2, n = embed_pairs(model, batch)
+        z1, z2, n = embed_pairs(model, batch, device)
     return pair_loss(z1.float(), z2.float(), loss, temperature, distributed), n
 
 
@@ -321,7 +323,7 @@ def contrastive_loss(model, batch, autocast=contextlib.nullcontext(), loss="ntxe
 
 def build_model(args):
     torch.manual_seed(args.seed)  # the fresh emb_head (and everything with --init none)
-    overrides = dict(emb_size=args.emb_size, grad_checkpoint=args.grad_checkpoint)
+    overrides = dict(emb_size=args.emb_size)
     if args.resume:  # architecture from our own checkpoint; the loop loads its weights
         return M.load_model(Path(args.out) / "ckpt.pt", heads=("emb",), **overrides).train()
     if str(args.init).lower() == "none":
@@ -353,11 +355,15 @@ def train(args):
         raise Fail(f"{data} is not a dataset (no meta.json): run prepare.py first")
     if json.loads((data / "meta.json").read_text())["vocab_hash"] != T.VOCAB_HASH:
         raise Fail(f"{data} was tokenized with another vocabulary")
-    rank, world, device = M.setup_distributed(args.device)
+    # no TF32: the embedding head and the similarities must stay float32 (near-identical embeddings, below)
+    rank, world, device = M.setup_distributed(args.device, tf32=False)
     master, out = rank == 0, Path(args.out)
     amp = M.autocast_dtype(args.dtype, device)
     autocast = torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None)
     model = build_model(args).to(device)
+    # the micro-batch is the loss's batch (its negatives): only activation checkpointing is planned
+    _, model.config.grad_checkpoint, _, plan = M.plan_batch(model.config, args.max_len, 2 * args.batch_size, device,
+                                                         2 * args.batch_size, args.grad_checkpoint, amp is not None, lm_head=False)
 
     per_step = args.batch_size * args.grad_accum * world
     train_set = ViewPairs(data, "train", per_step, args.seed, args.max_len, args.min_notes, args.max_notes, args.augment)
@@ -381,7 +387,7 @@ def train(args):
               f"on {device}, world {world}, {'autocast ' + str(amp).replace('torch.', '') if amp else 'float32'}; "
               f"{train_set.n} files, {spe} steps per epoch; {args.max_iters} steps ({args.max_iters / spe:.2f} epochs) "
               f"of {per_step} pairs; loss {args.loss}, t={args.temperature}, warmup {args.warmup}, "
-              f"augment {'on' if args.augment else 'off'}", flush=True)
+              f"augment {'on' if args.augment else 'off'}; views per process: {plan}", flush=True)
 
     # optimizer; --resume restores weights, optimizer moments, step and RNG (data order needs only the step)
     opt = M.configure_optimizer(model, args.lr, args.weight_decay, device_type=device.type)
@@ -396,11 +402,11 @@ def train(args):
             torch.cuda.set_rng_state(ckpt["rng_cuda"], device)
         if master:
             print(f"resuming from {out / 'ckpt.pt'} at step {step}")
-    raw = model  # what we save and evaluate: not compiled, not wrapped
+    raw, ddp = model, None  # what we save and evaluate: `raw`; compile wraps DDP (pretrain.py says why)
+    if torch.distributed.is_initialized():
+        model = ddp = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
     if device.type == "cuda" and args.compile:
         model = torch.compile(model)
-    if world > 1:
-        model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
 
     @torch.no_grad()
     def evaluate():
@@ -410,9 +416,8 @@ def train(args):
         zs, bs = [], args.batch_size * world
         for i in range(0, n_val, bs):
             batch = [val_set[g] for g in range(i, min(i + bs, n_val))]
-            ids, eos = torch.stack([b[0] for b in batch]).to(device), torch.stack([b[1] for b in batch]).to(device)
             with autocast:
-                z1, z2, _ = embed_pairs(raw, (ids, eos))
+                z1, z2, _ = embed_pairs(raw, (torch.stack([b[0] for b in batch]), torch.stack([b[1] for b in batch])), device)
             zs.append((z1.float(), z2.float()))
         raw.train()
         full = [(z1, z2) for z1, z2 in zs if len(z1) >= 2]
@@ -459,18 +464,22 @@ def train(args):
         for group in opt.param_groups:
             group["lr"] = lr
         loss_sum = torch.zeros((), device=device)
-        for micro in range(args.grad_accum):
-            ids, eos = (x.to(device, non_blocking=True) for x in next(batches))
-            if world > 1:  # all-reduce gradients in the last micro-step's backward only
-                model.require_backward_grad_sync = micro == args.grad_accum - 1
-            # negatives gathered from every process; the loss in float32, outside autocast
-            loss, n = contrastive_loss(model, (ids, eos), autocast, args.loss, args.temperature, distributed=world > 1)
-            (loss / args.grad_accum).backward()
-            loss_sum += loss.detach() / args.grad_accum
-            n_tokens += n * world
-        if args.grad_clip:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
-        opt.step()
+        try:
+            for micro in range(args.grad_accum):
+                if ddp is not None:  # under torchrun: all-reduce gradients in the last micro-step's backward only
+                    ddp.require_backward_grad_sync = micro == args.grad_accum - 1
+                # CPU (ids, eos) in; negatives gathered from every process; the loss in float32, outside autocast
+                loss, n = contrastive_loss(model, next(batches), autocast, args.loss, args.temperature, world > 1, device)
+                (loss / args.grad_accum).backward()
+                loss_sum += loss.detach() / args.grad_accum
+                n_tokens += n  # this process's: tokens/s and MFU are per process (per GPU)
+            if args.grad_clip:
+                torch.nn.utils.clip_grad_norm_(raw.parameters(), args.grad_clip)
+            opt.step()
+        except torch.cuda.OutOfMemoryError:
+            raise Fail(f"out of GPU memory with {2 * args.batch_size} views of up to {args.max_len} tokens and activation "
+                       f"checkpointing {'on' if raw.config.grad_checkpoint else 'off'}: set --grad_checkpoint 1, or lower "
+                       "--batch_size (fewer negatives) or --max_len") from None
         opt.zero_grad(set_to_none=True)
         step += 1
         n_steps += 1
@@ -485,7 +494,8 @@ def train(args):
             busy += time.time() - t_mark
             rec = {"step": step, "loss": round(loss, 6), "lr": float(f"{lr:.3e}")}
             if n_steps:  # tokens: the views' non-pad tokens
-                mfu = M.estimate_mfu(raw.config, args.max_len, n_tokens / busy, lm_head=False) if device.type == "cuda" else None
+                mfu = M.estimate_mfu(raw.config, args.max_len, n_tokens / busy, lm_head=False, peak=args.peak_tflops * 1e12) \
+                    if device.type == "cuda" or args.peak_tflops else None
                 rec.update(ms=round(1e3 * busy / n_steps, 1), tok_s=round(n_tokens / busy),
                            **({"mfu": round(mfu, 4)} if mfu else {}), eta_s=round((stop - step) * busy / n_steps))
             log(rec)

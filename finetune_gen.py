@@ -14,7 +14,8 @@ the first starts at the file's start and the last ends at the file's end, overla
 predecessor so that <D> and <E> always share an example (officially the end can be split from
 its <D>); short files are right-padded with <P>, which the loss ignores. <D> is re-drawn every epoch with the official
 rule (SPEC §A.6), as the official code re-tokenizes each epoch. The training loop is
-pretrain.py's (bf16 autocast on CUDA, float32 loss, DDP, exact --resume), written out here too.
+pretrain.py's (micro-batches planned from the GPU's memory, bf16 autocast on CUDA, chunked float32
+loss, DDP, exact --resume), written out here too.
 """
 import argparse
 import contextlib
@@ -26,14 +27,13 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 import model as M
 import tokenizer as T
 
 # how log records print on stdout (OUT/log.jsonl has them as JSON)
 LOG_FORMAT = {"loss": "loss {:.4f}", "val_loss": "val_loss {:.4f}", "lr": "lr {:.2e}", "ms": "{:.0f} ms/step",
-              "tok_s": "{:,} tok/s", "mfu": "MFU {:.1%}", "eta_s": "ETA {}s"}
+              "tok_s": "{:,} tok/s per process", "mfu": "MFU {:.1%}", "eta_s": "ETA {}s"}
 
 
 def get_args(argv=None):
@@ -45,8 +45,8 @@ def get_args(argv=None):
     ap.add_argument("--data", help="dataset folder written by prepare.py (--strict recommended)")
     ap.add_argument("--out", default="out/gen", help="checkpoint (ckpt.pt) and log.jsonl go here")
     ap.add_argument("--seq_len", type=int, default=None, help="tokens per sequence (default: the model's context, 8192 for medium)")
-    ap.add_argument("--batch_size", type=int, default=16, help="sequences per process per micro-step (as pretraining, paper §4.1)")
-    ap.add_argument("--grad_accum", type=int, default=1, help="micro-steps per optimizer step")
+    ap.add_argument("--batch_size", type=int, default=16, help="sequences per process per optimizer step (as pretraining, paper §4.1)")
+    ap.add_argument("--micro_batch", type=int, default=0, help="sequences per forward/backward (0: the most that fit the GPU's memory; all on CPU)")
     ap.add_argument("--lr", type=float, default=3e-4, help="peak learning rate (the paper gives none; official get_optim, SPEC §C.2)")
     ap.add_argument("--warmup", type=int, default=200, help="linear warmup steps (official get_optim, SPEC §C.2)")
     ap.add_argument("--final_lr_frac", type=float, default=0.0, help="then linear decay to this fraction of lr (paper §3.2: annealed to zero)")
@@ -56,7 +56,8 @@ def get_args(argv=None):
     ap.add_argument("--max_iters", type=int, default=None, help="optimizer steps (default: from --epochs)")
     ap.add_argument("--stop_at", type=int, default=None, help="stop after this step without ending the schedule (split a run into jobs)")
     ap.add_argument("--no_augment", dest="augment", action="store_false", help="turn off online augmentation (on, as the official train.py)")
-    ap.add_argument("--grad_checkpoint", action="store_true", help="recompute activations in backward to save memory")
+    ap.add_argument("--grad_checkpoint", nargs="?", const="1", default="auto", choices=["auto", "0", "1"],
+                    help="recompute each block's activations in backward (auto: only if no micro-batch fits without)")
     ap.add_argument("--eval_interval", type=int, default=0, help="steps between validation losses (0: only at the end)")
     ap.add_argument("--eval_iters", type=int, default=20, help="validation batches per evaluation")
     ap.add_argument("--log_interval", type=int, default=10, help="steps per log line")
@@ -66,6 +67,7 @@ def get_args(argv=None):
     ap.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"],
                     help="autocast dtype of the forward/backward; auto: bfloat16 on CUDA, float32 elsewhere")
     ap.add_argument("--compile", type=int, default=1, help="torch.compile the model on CUDA (1/0)")
+    ap.add_argument("--peak_tflops", type=float, default=0, help="the device's dense bf16 TFLOP/s for MFU (0: from the GPU's name)")
     ap.add_argument("--seed", type=int, default=0, help="data order, <D> placement and augmentation")
     ap.add_argument("--resume", action="store_true", help="continue from OUT/ckpt.pt with its saved settings")
     argv = sys.argv[1:] if argv is None else argv
@@ -131,10 +133,9 @@ class FileSequences(torch.utils.data.Dataset):
 
 def next_token_loss(model, batch, autocast=contextlib.nullcontext()):
     """batch (B, T+1) ids -> mean next-token cross-entropy, <P> targets ignored. The forward runs
-    under `autocast` (bf16 on CUDA); the loss is computed in float32 outside it."""
+    under `autocast` (bf16 on CUDA); the loss is float32, outside it, chunked (model.LMLoss)."""
     with autocast:
-        logits = model(batch[:, :-1])  # (B, T, V)
-    return F.cross_entropy(logits.float().flatten(0, 1), batch[:, 1:].flatten(), ignore_index=T.PAD_ID)
+        return M.LMLoss(model)(batch)
 
 
 # -----------------------------------------------------------------------------
@@ -143,7 +144,7 @@ def main():
     try:
         args = get_args()
         rank, world, device = M.setup_distributed(args.device)
-        model = M.load_model(args.init, heads=("lm",), grad_checkpoint=args.grad_checkpoint).to(device).train()
+        model = M.load_model(args.init, heads=("lm",)).to(device).train()
     except M.CheckpointError as e:
         sys.exit(f"finetune_gen.py: {e}")
     master, out = rank == 0, Path(args.out)
@@ -157,10 +158,13 @@ def main():
     args.seq_len = args.seq_len or model.config.max_seq_len
     if args.seq_len > model.config.max_seq_len:
         sys.exit(f"finetune_gen.py: --seq_len {args.seq_len} exceeds the model's context {model.config.max_seq_len}")
+    micro, model.config.grad_checkpoint, _, plan = M.plan_batch(model.config, args.seq_len, args.batch_size, device,
+                                                             args.micro_batch, args.grad_checkpoint, amp is not None)
+    accum = args.batch_size // micro
     torch.manual_seed(args.seed)
     train_set = FileSequences(data, "train", args.seq_len, args.seed, args.augment)
     val_set = FileSequences(data, "val", args.seq_len, args.seed, False)
-    per_step = args.batch_size * args.grad_accum * world
+    per_step = args.batch_size * world
     if args.max_iters is None:
         args.max_iters = max(1, int(args.epochs * len(train_set) / per_step))
     args.warmup = min(args.warmup, args.max_iters)
@@ -168,7 +172,7 @@ def main():
         out.mkdir(parents=True, exist_ok=True)
         print(f"finetune_gen: {args.init} ({model.num_params() / 1e6:.1f}M params) on {device}, world {world}, "
               f"{'autocast ' + str(amp).replace('torch.', '') if amp else 'float32'}; {len(train_set)} file-start "
-              f"sequences of {args.seq_len}; {args.max_iters} steps of {per_step}")
+              f"sequences of {args.seq_len}; {args.max_iters} steps of {per_step}; per process {plan}")
 
     # optimizer; --resume restores weights, optimizer moments, step and RNG (data order needs only the step)
     opt = M.configure_optimizer(model, args.lr, args.weight_decay, device_type=device.type)
@@ -183,21 +187,25 @@ def main():
             torch.cuda.set_rng_state(ckpt["rng_cuda"], device)
         if master:
             print(f"resuming from {out / 'ckpt.pt'} at step {step}")
-    raw = model  # what we save and evaluate: not compiled, not wrapped
+    # what we save and evaluate: `raw`. The loop runs the whole loss as one module, under torchrun in
+    # DDP, compiled around DDP so that the gradients' all-reduce overlaps the backward (as pretrain.py)
+    raw, ddp = model, None
+    model = M.LMLoss(raw)
+    if torch.distributed.is_initialized():
+        model = ddp = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
     if device.type == "cuda" and args.compile:
         model = torch.compile(model)
-    if world > 1:
-        model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
 
     @torch.no_grad()
     def evaluate():
         raw.eval()
         n = min(len(val_set), args.eval_iters * args.batch_size)
-        batches = [torch.stack([torch.from_numpy(val_set.sequence(g, False)) for g in range(i, min(i + args.batch_size, n))])
-                   for i in range(0, n, args.batch_size)]
-        losses = [next_token_loss(raw, b.to(device), autocast) for b in batches]
+        batches = [torch.stack([torch.from_numpy(val_set.sequence(g, False)) for g in range(i, min(i + micro, n))])
+                   for i in range(0, n, micro)]
+        # weighted by non-<P> targets: the mean over tokens, whatever micro-batches the GPU allows
+        losses = [(next_token_loss(raw, b.to(device), autocast), int((b[:, 1:] != T.PAD_ID).sum())) for b in batches]
         raw.train()
-        return torch.stack(losses).mean().item() if losses else None
+        return (sum(loss * k for loss, k in losses) / sum(k for _, k in losses)).item() if losses else None
 
     def save():
         if master:
@@ -220,14 +228,15 @@ def main():
     # the loader yields this rank's micro-batches from `step` on (M.StepSampler); its own
     # generator, so that starting it does not draw from the restored global RNG
     loader = torch.utils.data.DataLoader(
-        train_set, batch_size=args.batch_size, sampler=M.StepSampler(step, args.batch_size, args.grad_accum, rank, world),
+        train_set, batch_size=micro, sampler=M.StepSampler(step, micro, accum, rank, world),
         num_workers=args.workers, pin_memory=device.type == "cuda", persistent_workers=args.workers > 0,
         generator=torch.Generator().manual_seed(0))
     batches = iter(loader)
     stop = min(args.max_iters, args.stop_at or args.max_iters)
     first = step
     # rates count training only: the clock is stopped for evaluation and checkpoints, and the
-    # first step of a job (compilation, loader start-up) is reported on its own
+    # first step of a job (compilation, loader start-up) is reported on its own. Nothing in a step
+    # waits for the device (no .item(), no int() of a device tensor): the log line does, once
     t_mark, busy, n_steps = time.time(), 0.0, 0
     model.train()
     while step < stop:
@@ -235,16 +244,21 @@ def main():
         for group in opt.param_groups:
             group["lr"] = lr
         loss_sum = torch.zeros((), device=device)
-        for micro in range(args.grad_accum):
-            batch = next(batches).to(device, non_blocking=True)
-            if world > 1:  # all-reduce gradients in the last micro-step's backward only
-                model.require_backward_grad_sync = micro == args.grad_accum - 1
-            loss = next_token_loss(model, batch, autocast)
-            (loss / args.grad_accum).backward()
-            loss_sum += loss.detach() / args.grad_accum
-        if args.grad_clip:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
-        opt.step()
+        try:
+            for i in range(accum):
+                batch = next(batches).to(device, non_blocking=True)
+                if ddp is not None:  # under torchrun: all-reduce gradients in the last micro-step's backward only
+                    ddp.require_backward_grad_sync = i == accum - 1
+                with autocast:
+                    loss = model(batch)  # float32 (M.LMLoss)
+                (loss / accum).backward()
+                loss_sum += loss.detach() / accum
+            if args.grad_clip:
+                torch.nn.utils.clip_grad_norm_(raw.parameters(), args.grad_clip)
+            opt.step()
+        except torch.cuda.OutOfMemoryError:
+            sys.exit(f"finetune_gen.py: out of GPU memory with micro-batches of {micro} x {args.seq_len} and activation "
+                     f"checkpointing {'on' if raw.config.grad_checkpoint else 'off'}: lower --micro_batch or set --grad_checkpoint 1")
         opt.zero_grad(set_to_none=True)
         step += 1
         n_steps += 1
@@ -260,9 +274,10 @@ def main():
             loss = loss_sum.item()  # waits for the device: the clock below is honest
             busy += time.time() - t_mark
             rec = {"step": step, "loss": round(loss, 6), "lr": float(f"{lr:.3e}")}
-            if n_steps:
-                tok_s = n_steps * per_step * args.seq_len / busy
-                mfu = M.estimate_mfu(raw.config, args.seq_len, tok_s) if device.type == "cuda" else None
+            if n_steps:  # tokens/s and MFU of one process (one GPU): its own share of the batch
+                tok_s = n_steps * args.batch_size * args.seq_len / busy
+                mfu = M.estimate_mfu(raw.config, args.seq_len, tok_s, peak=args.peak_tflops * 1e12) \
+                    if device.type == "cuda" or args.peak_tflops else None
                 rec.update(ms=round(1e3 * busy / n_steps, 1), tok_s=round(tok_s),
                            **({"mfu": round(mfu, 4)} if mfu else {}))
                 rec["eta_s"] = round((stop - step) * busy / n_steps)

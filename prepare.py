@@ -301,6 +301,8 @@ def main():
     ap.add_argument("--seed", type=int, default=0, help="seed of the synthetic corpus")
     ap.add_argument("--force", action="store_true", help="replace an existing dataset in OUT")
     args = ap.parse_args()
+    if not 0 <= args.val_fraction < 1:
+        sys.exit(f"prepare.py: --val_fraction {args.val_fraction}: expected a share in [0, 1), training needs files")
 
     out = Path(args.out)
     if out.exists() and not out.is_dir():
@@ -373,6 +375,9 @@ def main():
     counts = {s: {"files": len(offsets[s]) - 1, "tokens": offsets[s][-1], "hours": round(hours[s], 2)} for s in bins}
     if counts["train"]["files"] == 0:
         shutil.rmtree(partial)
+        if counts["val"]["files"]:  # every kept file drew the validation split: not a filter problem
+            sys.exit(f"prepare.py: all {counts['val']['files']} kept files fell in the validation split (--val_fraction "
+                     f"{args.val_fraction}), none in training: lower --val_fraction; nothing written")
         sys.exit(f"prepare.py: no file survived ({dict(reasons)}); nothing written")
     meta = {"vocab_hash": T.VOCAB_HASH, "vocab_size": T.VOCAB_SIZE, "dtype": "uint16", "splits": counts,
             "inputs": [str(r) for r in roots], "filters": filters, "strict": args.strict, "val_fraction": args.val_fraction,
@@ -396,6 +401,9 @@ def main():
           f"{counts['train']['hours'] + counts['val']['hours']:.1f} h) -> {out}")
     if reasons:
         print("prepare: dropped " + ", ".join(f"{n} {why}" for why, n in reasons.most_common()))
+    if not counts["val"]["files"]:
+        print(f"prepare: the validation split is empty (--val_fraction {args.val_fraction} of {report['kept']} files): "
+              "training runs without a validation loss", file=sys.stderr)
 
 
 if __name__ == "__main__":

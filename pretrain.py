@@ -12,10 +12,13 @@ augmented on the fly in loader workers (pitch ±5, tempo ±20%, velocity ±10). 
 step sees is a function of (seed, step) only, so --resume needs no loader state and the same
 global batch is seen whatever the number of processes.
 
-One optimizer step = --grad_accum micro-steps of --batch_size sequences on every process; the
-model runs under bf16 autocast on CUDA (--dtype), the loss is float32 cross-entropy computed
-outside autocast. DDP averages the gradients once per step, in the backward of the last micro-step.
-OUT/ckpt.pt (atomic) holds model, optimizer, step, RNG and settings: --resume restores all of it.
+One optimizer step = --batch_size sequences on every process (the paper's 16 per GPU), run as
+micro-batches of --micro_batch with activation checkpointing if needed, both chosen from the GPU's
+memory at start (model.plan_batch) and printed. The model runs under bf16 autocast on CUDA
+(--dtype); the loss is float32 cross-entropy outside autocast, chunked so that the (B, T, V)
+float32 logits never exist (model.LMLoss). DDP averages the gradients once per step, in the backward
+of the last micro-step. OUT/ckpt.pt (atomic) holds model, optimizer, step, RNG and settings: --resume
+restores all of it.
 """
 import argparse
 import contextlib
@@ -28,7 +31,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 import model as M
 import tokenizer as T
@@ -42,7 +44,7 @@ QUICKSTART = dict(data="data/synthetic", preset="tiny", seq_len=256, batch_size=
 
 # how log records print on stdout (OUT/log.jsonl has them as JSON)
 LOG_FORMAT = {"loss": "loss {:.4f}", "val_loss": "val_loss {:.4f}", "lr": "lr {:.2e}", "ms": "{:.0f} ms/step",
-              "tok_s": "{:,} tok/s", "mfu": "MFU {:.1%}", "eta_s": "ETA {}s"}
+              "tok_s": "{:,} tok/s per process", "mfu": "MFU {:.1%}", "eta_s": "ETA {}s"}
 
 
 def get_args(argv=None):
@@ -52,8 +54,8 @@ def get_args(argv=None):
     ap.add_argument("--out", default="out/pretrain", help="checkpoint (ckpt.pt) and log.jsonl go here")
     ap.add_argument("--preset", default="tiny", choices=list(M.PRESETS), help="model size (paper: medium)")
     ap.add_argument("--seq_len", type=int, default=None, help="tokens per sequence (default: the preset's context; 8192 for medium, paper §3.2)")
-    ap.add_argument("--batch_size", type=int, default=16, help="sequences per process per micro-step (paper §4.1: 16 per GPU)")
-    ap.add_argument("--grad_accum", type=int, default=1, help="micro-steps per optimizer step")
+    ap.add_argument("--batch_size", type=int, default=16, help="sequences per process per optimizer step (paper §4.1: 16 per GPU)")
+    ap.add_argument("--micro_batch", type=int, default=0, help="sequences per forward/backward (0: the most that fit the GPU's memory; all on CPU)")
     ap.add_argument("--lr", type=float, default=3e-4, help="peak learning rate (paper §4.1)")
     ap.add_argument("--warmup", type=int, default=1000, help="linear warmup steps (paper §4.1)")
     ap.add_argument("--final_lr_frac", type=float, default=0.1, help="then linear decay to this fraction of lr (paper §4.1)")
@@ -63,7 +65,8 @@ def get_args(argv=None):
     ap.add_argument("--max_iters", type=int, default=None, help="optimizer steps (default: from --epochs)")
     ap.add_argument("--stop_at", type=int, default=None, help="stop after this step without ending the schedule (split a run into jobs)")
     ap.add_argument("--no_augment", dest="augment", action="store_false", help="turn off online augmentation (paper §3.2)")
-    ap.add_argument("--grad_checkpoint", action="store_true", help="recompute activations in backward to save memory")
+    ap.add_argument("--grad_checkpoint", nargs="?", const="1", default="auto", choices=["auto", "0", "1"],
+                    help="recompute each block's activations in backward (auto: only if no micro-batch fits without)")
     ap.add_argument("--eval_interval", type=int, default=500, help="steps between validation losses (0: only at the end)")
     ap.add_argument("--eval_iters", type=int, default=20, help="validation batches per evaluation")
     ap.add_argument("--log_interval", type=int, default=10, help="steps per log line")
@@ -73,6 +76,7 @@ def get_args(argv=None):
     ap.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"],
                     help="autocast dtype of the forward/backward; auto: bfloat16 on CUDA, float32 elsewhere")
     ap.add_argument("--compile", type=int, default=1, help="torch.compile the model on CUDA (1/0)")
+    ap.add_argument("--peak_tflops", type=float, default=0, help="the device's dense bf16 TFLOP/s for MFU (0: from the GPU's name)")
     ap.add_argument("--seed", type=int, default=0, help="model init, data order and augmentation")
     ap.add_argument("--resume", action="store_true", help="continue from OUT/ckpt.pt with its saved settings")
     argv = sys.argv[1:] if argv is None else argv
@@ -135,10 +139,9 @@ def load_data(args, rank, world):
 
 def next_token_loss(model, batch, autocast=contextlib.nullcontext()):
     """batch (B, T+1) ids -> mean next-token cross-entropy, <P> targets ignored. The forward runs
-    under `autocast` (bf16 on CUDA); the loss is computed in float32 outside it."""
+    under `autocast` (bf16 on CUDA); the loss is float32, outside it, chunked (model.LMLoss)."""
     with autocast:
-        logits = model(batch[:, :-1])  # (B, T, V)
-    return F.cross_entropy(logits.float().flatten(0, 1), batch[:, 1:].flatten(), ignore_index=T.PAD_ID)
+        return M.LMLoss(model)(batch)
 
 
 # -----------------------------------------------------------------------------
@@ -153,14 +156,18 @@ def main():
     amp = M.autocast_dtype(args.dtype, device)
     autocast = torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None)
 
-    # model: the preset, widened to --seq_len if that is longer than its context
+    # model: the preset, widened to --seq_len if that is longer than its context; micro-batches
+    # and activation checkpointing from the device's memory (model.plan_batch, printed below)
     torch.manual_seed(args.seed)
-    cfg = M.replace(M.PRESETS[args.preset], grad_checkpoint=args.grad_checkpoint)
+    cfg = M.PRESETS[args.preset]
     args.seq_len = args.seq_len or cfg.max_seq_len
     model = M.Aria(M.replace(cfg, max_seq_len=max(cfg.max_seq_len, args.seq_len))).to(device)
+    micro, model.config.grad_checkpoint, _, plan = M.plan_batch(model.config, args.seq_len, args.batch_size, device,
+                                                             args.micro_batch, args.grad_checkpoint, amp is not None)
+    accum = args.batch_size // micro
 
     train_set, val_set = load_data(args, rank, world)
-    per_step = args.batch_size * args.grad_accum * world
+    per_step = args.batch_size * world
     if args.max_iters is None:
         args.max_iters = max(1, int(args.epochs * len(train_set) / per_step))
     args.warmup = min(args.warmup, args.max_iters)
@@ -169,7 +176,7 @@ def main():
         print(f"pretrain: {args.preset} ({model.num_params() / 1e6:.1f}M params) on {device}, world {world}, "
               f"{'autocast ' + str(amp).replace('torch.', '') if amp else 'float32'}; {len(train_set)} windows of "
               f"{args.seq_len} tokens per epoch; {args.max_iters} steps of {per_step} sequences "
-              f"({args.max_iters * per_step / len(train_set):.2f} epochs)")
+              f"({args.max_iters * per_step / len(train_set):.2f} epochs); per process {plan}")
 
     # optimizer; --resume restores weights, optimizer moments, step and RNG (data order needs only the step)
     opt = M.configure_optimizer(model, args.lr, args.weight_decay, device_type=device.type)
@@ -184,17 +191,21 @@ def main():
             torch.cuda.set_rng_state(ckpt["rng_cuda"], device)
         if master:
             print(f"resuming from {out / 'ckpt.pt'} at step {step}")
-    raw = model  # what we save and evaluate: not compiled, not wrapped
+    # what we save and evaluate: `raw`, not wrapped. The loop runs the whole loss (head and chunked
+    # cross-entropy) as one module: under torchrun DDP wraps it, then torch.compile wraps DDP, so that
+    # compile splits the backward at DDP's buckets and their all-reduce overlaps the rest of backward
+    raw, ddp = model, None
+    model = M.LMLoss(raw)
+    if torch.distributed.is_initialized():
+        model = ddp = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
     if device.type == "cuda" and args.compile:
         model = torch.compile(model)
-    if world > 1:
-        model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
 
     @torch.no_grad()
     def evaluate():
         raw.eval()
         n = min(len(val_set), args.eval_iters * args.batch_size)
-        batches = [torch.stack([val_set[g] for g in range(i, min(i + args.batch_size, n))]) for i in range(0, n, args.batch_size)]
+        batches = [torch.stack([val_set[g] for g in range(i, min(i + micro, n))]) for i in range(0, n, micro)]
         losses = [next_token_loss(raw, b.to(device), autocast) for b in batches]
         raw.train()
         return torch.stack(losses).mean().item() if losses else None
@@ -220,14 +231,15 @@ def main():
     # the loader yields this rank's micro-batches from `step` on (M.StepSampler); its own
     # generator, so that starting it does not draw from the restored global RNG
     loader = torch.utils.data.DataLoader(
-        train_set, batch_size=args.batch_size, sampler=M.StepSampler(step, args.batch_size, args.grad_accum, rank, world),
+        train_set, batch_size=micro, sampler=M.StepSampler(step, micro, accum, rank, world),
         num_workers=args.workers, pin_memory=device.type == "cuda", persistent_workers=args.workers > 0,
         generator=torch.Generator().manual_seed(0))
     batches = iter(loader)
     stop = min(args.max_iters, args.stop_at or args.max_iters)
     first = step
     # rates count training only: the clock is stopped for evaluation and checkpoints, and the
-    # first step of a job (compilation, loader start-up) is reported on its own
+    # first step of a job (compilation, loader start-up) is reported on its own. Nothing in a step
+    # waits for the device (no .item(), no int() of a device tensor): the log line does, once
     t_mark, busy, n_steps = time.time(), 0.0, 0
     model.train()
     while step < stop:
@@ -235,16 +247,21 @@ def main():
         for group in opt.param_groups:
             group["lr"] = lr
         loss_sum = torch.zeros((), device=device)
-        for micro in range(args.grad_accum):
-            batch = next(batches).to(device, non_blocking=True)
-            if world > 1:  # all-reduce gradients in the last micro-step's backward only
-                model.require_backward_grad_sync = micro == args.grad_accum - 1
-            loss = next_token_loss(model, batch, autocast)
-            (loss / args.grad_accum).backward()
-            loss_sum += loss.detach() / args.grad_accum
-        if args.grad_clip:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
-        opt.step()
+        try:
+            for i in range(accum):
+                batch = next(batches).to(device, non_blocking=True)
+                if ddp is not None:  # under torchrun: all-reduce gradients in the last micro-step's backward only
+                    ddp.require_backward_grad_sync = i == accum - 1
+                with autocast:
+                    loss = model(batch)  # float32 (M.LMLoss)
+                (loss / accum).backward()
+                loss_sum += loss.detach() / accum
+            if args.grad_clip:
+                torch.nn.utils.clip_grad_norm_(raw.parameters(), args.grad_clip)
+            opt.step()
+        except torch.cuda.OutOfMemoryError:
+            sys.exit(f"pretrain.py: out of GPU memory with micro-batches of {micro} x {args.seq_len} and activation "
+                     f"checkpointing {'on' if raw.config.grad_checkpoint else 'off'}: lower --micro_batch or set --grad_checkpoint 1")
         opt.zero_grad(set_to_none=True)
         step += 1
         n_steps += 1
@@ -260,9 +277,10 @@ def main():
             loss = loss_sum.item()  # waits for the device: the clock below is honest
             busy += time.time() - t_mark
             rec = {"step": step, "loss": round(loss, 6), "lr": float(f"{lr:.3e}")}
-            if n_steps:
-                tok_s = n_steps * per_step * args.seq_len / busy
-                mfu = M.estimate_mfu(raw.config, args.seq_len, tok_s) if device.type == "cuda" else None
+            if n_steps:  # tokens/s and MFU of one process (one GPU): its own share of the batch
+                tok_s = n_steps * args.batch_size * args.seq_len / busy
+                mfu = M.estimate_mfu(raw.config, args.seq_len, tok_s, peak=args.peak_tflops * 1e12) \
+                    if device.type == "cuda" or args.peak_tflops else None
                 rec.update(ms=round(1e3 * busy / n_steps, 1), tok_s=round(tok_s),
                            **({"mfu": round(mfu, 4)} if mfu else {}))
                 rec["eta_s"] = round((stop - step) * busy / n_steps)

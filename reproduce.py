@@ -9,7 +9,8 @@ the stage scripts as a user would run them (subprocesses; torchrun with --nproc 
     python reproduce.py --scale small ...                  # one GPU
     python reproduce.py --scale medium --nproc 8 ...       # the paper's model, 8 GPUs (not run here)
 
-Per task (LABELS.csv:LABEL_COL[:SPLIT_COL], paths relative to the CSV, split train/valid/test):
+Per task (LABELS.csv:LABEL_COL[:SPLIT_COL], paths relative to the CSV, split train/valid/test; a CSV
+without a split column gets finetune_cls.py's deterministic stratified 80/10/10 split, in every stage):
   Aria_Emb      finetune_contrastive.py from the pretrained LM, then embed.py's linear probe (paper §3.3, §4.1)
   Aria†         the same contrastive recipe from random init (Table 2's e=25†)
   LM at <E>     the pretrained LM's final hidden state at <E>, probed: the floor the contrastive stage must beat
@@ -82,7 +83,8 @@ def get_args(argv=None):
     ap.add_argument("--scale", default="tiny", choices=list(SCALES), help="model size, steps and batch of every stage")
     ap.add_argument("--data", nargs="+", required=True, metavar="DIR", help="MIDI folders to pretrain on (prepare.py)")
     ap.add_argument("--task", nargs="+", required=True, metavar="LABELS.csv:LABEL_COL[:SPLIT_COL]",
-                    help="classification tasks; the split column must say train/valid/test (default column: split)")
+                    help="classification tasks; the split column says train/valid/test (default column: split; "
+                         "without it, a deterministic stratified 80/10/10 split per class, model.stratified_split)")
     ap.add_argument("--out", default="out/reproduce", help="every stage's output, results.json and results.md")
     ap.add_argument("--seeds", type=int, default=None, help="seeds per probe and classifier finetune (default: the scale's)")
     ap.add_argument("--device", default="auto", help="cpu, cuda or auto, for every stage")
@@ -100,12 +102,15 @@ def parse_task(spec):
         raise Fail(f"{path}: no such labels file (--task)")
     with open(path, newline="", encoding="utf-8-sig") as f:
         rows = list(csv.DictReader(f))
-    if not rows or label_col not in rows[0] or split_col not in rows[0]:
-        raise Fail(f"{path}: needs columns path, {label_col!r} and {split_col!r}")
-    n_train = sum(r[split_col].strip().lower() == "train" for r in rows)
+    has_split = bool(rows) and split_col in rows[0]
+    if not rows or "path" not in rows[0] or label_col not in rows[0] or len(parts) == 3 and not has_split:
+        raise Fail(f"{path}: needs columns path, {label_col!r}" + (f" and {split_col!r}" if len(parts) == 3 else ""))
+    # no split column: the stages split as finetune_cls.py does (the same files in every stage)
+    splits = [r[split_col] for r in rows] if has_split else M.stratified_split([r["path"].strip() for r in rows],
+                                                                                 [r[label_col].strip() for r in rows])
     name = path.parent.name if path.stem in ("labels", "labels_splits") else path.stem
-    return dict(name=name, csv=str(path), label_col=label_col, split_col=split_col, n_train=n_train,
-                classes=len({r[label_col] for r in rows}))
+    return dict(name=name, csv=str(path), label_col=label_col, split_col=split_col, classes=len({r[label_col] for r in rows}),
+                n_train=sum(s.strip().lower() == "train" for s in splits), split="csv" if has_split else "stratified")
 
 
 # -----------------------------------------------------------------------------
@@ -254,7 +259,7 @@ def reproduce(args):
                 rows[row] = {"accuracy": summary([x["accuracy"] for x in runs]),
                              "macro_f1": summary([x["macro_f1"] for x in runs])}
         results["tasks"][name] = {"csv": t["csv"], "label_col": t["label_col"], "classes": t["classes"],
-                                  "train_files": t["n_train"], "rows": rows}
+                                  "train_files": t["n_train"], "split": t["split"], "split_col": t["split_col"], "rows": rows}
 
     write_results(out, results)
     print(f"reproduce: done in {(time.time() - r.t0) / 60:.1f} min; {out / 'results.md'}", flush=True)
@@ -270,7 +275,10 @@ def write_results(out, results):
              f"{len(results['seeds'])} seeds per probe and classifier finetune (mean ± std, test split).", ""]
     for name, task in results["tasks"].items():
         paper = PAPER.get(name, {})
-        lines += [f"## {name} ({task['classes']} classes, {task['train_files']} training files)", "",
+        split = (f"split: column `{task['split_col']}` of the CSV" if task["split"] == "csv" else
+                 "split: no split column, so the deterministic stratified split of finetune_cls.py (80/10/10 per class, "
+                 "by a hash of each path; the same files in every stage)")
+        lines += [f"## {name} ({task['classes']} classes, {task['train_files']} training files)", "", split + ".", "",
                   "| row | accuracy | macro-F1 |" + (" paper (medium) acc / F1 |" if paper else ""),
                   "|---|---|---|" + ("---|" if paper else "")]
         for row, m in task["rows"].items():

@@ -56,7 +56,9 @@ def test_bench_sample():
 
 
 def test_bench_train():
-    out = bench("train", "--device", "cpu", "--preset", "tiny", "--seq_len", "32", "--batch", "2", "--steps", "1",
-                "--warmup", "1")
-    m = re.search(r"float32, .*: " + NUMBER + " ms/step, " + NUMBER + " tokens/s", out)
-    assert m and float(m.group(1)) > 0 and float(m.group(2).replace(",", "")) > 0, out
+    for extra in ([], ["--full_logits"]):
+        out = bench("train", "--device", "cpu", "--preset", "tiny", "--seq_len", "32", "--batch", "2", "--steps", "1",
+                    "--warmup", "1", *extra)
+        m = re.search(r"float32, (chunked loss|full float32 logits), .*: " + NUMBER + " ms/step, " + NUMBER + " tokens/s", out)
+        assert m and float(m.group(2)) > 0 and float(m.group(3).replace(",", "")) > 0, out
+        assert m.group(1) == ("full float32 logits" if extra else "chunked loss") and "micro-batches of 2 x 32" in out, out

@@ -145,8 +145,30 @@ def test_bad_inputs(golden, tmp_path, capsys):
     assert rc == 2 and "nothing to do" in err
     labels = tmp_path / "l.csv"
     labels.write_text("path,label\nx.mid,a\n")
-    rc, _, err = inproc(capsys, "--ckpt", ck, "--probe", labels)
-    assert rc == 1 and "no column 'split'" in err
+    rc, _, err = inproc(capsys, "--ckpt", ck, "--probe", labels, "--split_col", "fold")
+    assert rc == 1 and "no column 'fold'" in err  # a split column asked for by name must be there
+
+
+def test_probe_without_a_split_column_splits_as_finetune_cls(tmp_path, capsys):
+    import finetune_cls as FC
+    g = np.random.default_rng(3)
+    y = np.repeat(np.arange(3), 10)
+    x = ((g.normal(size=(3, 8)) * 2)[y] + g.normal(size=(30, 8))).astype(np.float32)
+    paths = [tmp_path / f"f{i}.mid" for i in range(30)]
+    for p in paths:
+        p.write_bytes(b"")  # only the names matter with --emb
+    E.save_embeddings(tmp_path / "e.npy", x, [str(p) for p in paths])
+    labels = tmp_path / "labels.csv"
+    labels.write_text("path,label\n" + "".join(f"{p.name},c{c}\n" for p, c in zip(paths, y)))
+    rc, _, err = inproc(capsys, "--emb", tmp_path / "e.npy", "--probe", labels, "--probe_epochs", "2",
+                        "--probe_out", tmp_path / "r.json")
+    assert rc == 0 and "stratified split" in err, err
+    res = json.loads((tmp_path / "r.json").read_text())
+    assert res["split"] == "stratified" and res["files"] == {"train": 24, "valid": 3, "test": 3}
+    rows, split = E.read_labels(labels)
+    cls_rows, _, has_split = FC.read_labels(labels)
+    assert split == "stratified" and not has_split
+    assert [r[2] for r in rows] == [r[2] for r in cls_rows]  # the same files in the same splits
 
 
 def test_probe_learns_separable_embeddings_and_metrics():
@@ -208,7 +230,7 @@ def test_probe_on_pianist8_subset_and_map(golden, tmp_path, capsys):
 def test_help_lists_options_with_defaults():
     h = " ".join(cli("--help").stdout.split())
     for opt in ("--ckpt", "--out", "--nearest", "--probe", "--label_col", "--split_col", "--map", "--device",
-                "--batch_size", "--head", "--dtype", "(default: float32)", "(default: 300)", "(default: 0.0003)", "(default: 10,20,50)"):
+                "--batch_size", "--head", "--dtype", "(default: auto)", "(default: 300)", "(default: 0.0003)", "(default: 10,20,50)"):
         assert opt in h, opt
 
 

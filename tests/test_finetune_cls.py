@@ -148,11 +148,11 @@ def test_resume_is_exact(toy, tmp_path):
 
 
 def test_ddp_two_gloo_processes_match_one(toy, tmp_path):
-    # dropout off: the two ranks would draw other masks than one process with grad_accum
-    args = ["--labels", toy / "labels.csv", *FAST, "--max_iters", "2", "--batch_size", "4", "--resid_dropout", "0"]
-    run(*args, "--out", tmp_path / "one", "--grad_accum", "2")
+    # dropout off: the two ranks would draw other masks than one process with two micro-batches
+    args = ["--labels", toy / "labels.csv", *FAST, "--max_iters", "2", "--resid_dropout", "0"]
+    run(*args, "--out", tmp_path / "one", "--batch_size", "8", "--micro_batch", "4")
     r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29541",
-                        str(ROOT / "finetune_cls.py"), *map(str, args), "--out", str(tmp_path / "two")],
+                        str(ROOT / "finetune_cls.py"), *map(str, args), "--batch_size", "4", "--out", str(tmp_path / "two")],
                        capture_output=True, text=True, env=ENV, timeout=300, cwd=ROOT)
     assert r.returncode == 0, r.stdout + r.stderr
     assert r.stdout.count("step 1 |") == 1  # only rank 0 prints
@@ -215,12 +215,12 @@ def test_balanced_subset():
 def test_stratified_split():
     names = [f"f{i}.mid" for i in range(43)]
     labels = ["x"] * 30 + ["y"] * 10 + ["z"] * 3
-    s = FC.stratified_split(names, labels, 0.1, 0.1)
+    s = M.stratified_split(names, labels, 0.1, 0.1)
     per = {c: Counter(sp for sp, l in zip(s, labels) if l == c) for c in "xyz"}
     assert per["x"] == {"train": 24, "valid": 3, "test": 3} and per["y"] == {"train": 8, "valid": 1, "test": 1}
     assert per["z"] == {"train": 1, "valid": 1, "test": 1}
     # a file's split depends on its own name, not on the other rows
-    s2 = FC.stratified_split(names[:30] + ["new.mid"] + names[30:], labels[:30] + ["x"] + labels[30:], 0.1, 0.1)
+    s2 = M.stratified_split(names[:30] + ["new.mid"] + names[30:], labels[:30] + ["x"] + labels[30:], 0.1, 0.1)
     assert sum(a != b for a, b in zip(s[:30], s2[:30])) <= 2
 
 

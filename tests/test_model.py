@@ -380,21 +380,121 @@ def test_grad_checkpoint_same_loss_and_grads(p):
     assert all(torch.allclose(a, b, atol=1e-6, rtol=0) for a, b in zip(g0, g1))
 
 
-def test_grad_checkpoint_recomputes_each_block(monkeypatch):
-    # the flag must really route every block through torch.utils.checkpoint (and only in training)
-    calls = []
-    real = M.checkpoint
-    monkeypatch.setattr(M, "checkpoint", lambda fn, *a, **k: calls.append(fn) or real(fn, *a, **k))
-    ids = torch.randint(0, 97, (2, 16))
+def saved_bytes(m, fn):
+    """Bytes of the activations autograd keeps for backward while fn() runs (unique storages, the
+    parameters not counted): what activation checkpointing must shrink."""
+    params, seen = {p.untyped_storage().data_ptr() for p in m.parameters()}, {}
+
+    def pack(t):
+        if t.untyped_storage().data_ptr() not in params:
+            seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = fn()
+    return sum(seen.values()), out
+
+
+def test_grad_checkpoint_keeps_less_for_backward(monkeypatch):
+    # by its effect: what a block keeps for backward shrinks to its float32 input (B, T, d), the
+    # block being recomputed in backward; a checkpoint() that just called the block would keep it all
+    ids = torch.randint(0, 97, (2, 64))
+    kept = {}
     for flag in (False, True):
-        calls.clear()
-        m = random_model(grad_checkpoint=flag, n_layers=3).train()
-        m(ids).float().mean().backward()
-        assert len(calls) == (3 if flag else 0)
-    calls.clear()
+        for L in (3, 4):
+            m = random_model(grad_checkpoint=flag, n_layers=L).train()
+            kept[flag, L], out = saved_bytes(m, lambda: m(ids))
+            out.float().mean().backward()  # and the recompute works
+            assert all(q.grad is not None for q in m.parameters())
+    block = {flag: kept[flag, 4] - kept[flag, 3] for flag in (False, True)}
+    assert block[True] == 2 * 64 * 64 * 4 and block[False] > 10 * block[True], block  # as plan_batch counts
+    monkeypatch.setattr(M, "checkpoint", lambda fn, *a, **k: fn(*a))  # a checkpoint that recomputes nothing
+    m = random_model(grad_checkpoint=True, n_layers=3).train()
+    assert saved_bytes(m, lambda: m(ids))[0] == kept[False, 3]
     with torch.no_grad():
-        m.eval()(ids)
-    assert not calls  # nothing to recompute without a backward
+        assert saved_bytes(m.eval(), lambda: m(ids))[0] == 0
+
+
+def test_chunked_lm_loss_equals_the_full_one():
+    # float32: the same loss and every gradient within 1e-5 relative, <P> targets ignored
+    m = random_model(n_layers=2).train()
+    batch = torch.randint(6, 97, (4, 226), generator=torch.Generator().manual_seed(1))
+    batch[0, -40:] = M.tokenizer.PAD_ID
+    res = []
+    for fn in (lambda: torch.nn.functional.cross_entropy(m(batch[:, :-1]).float().flatten(0, 1), batch[:, 1:].flatten(),
+                                                         ignore_index=M.tokenizer.PAD_ID),
+               lambda: M.LMLoss(m, chunk=128)(batch)):  # 900 positions: 8 chunks, the last one short
+        m.zero_grad()
+        loss = fn()
+        loss.backward()
+        res.append((loss.detach(), {k: q.grad.clone() for k, q in m.named_parameters()}))
+    (l0, g0), (l1, g1) = res
+    assert l1.dtype == torch.float32 and abs(l1 - l0) / l0 < 1e-6
+    for k in g0:
+        assert ((g1[k] - g0[k]).norm() / g0[k].norm()).item() < 1e-5, k
+    with torch.no_grad():  # evaluation: no recompute bookkeeping, the same value
+        assert abs(M.LMLoss(m, chunk=128)(batch) - l0) / l0 < 1e-6
+    # what the chunking is for: the kept activations no longer hold (N, V) float32 logits
+    big = random_model(n_layers=1, vocab_size=4000, max_seq_len=1024).train()
+    ids = torch.randint(6, 4000, (1, 1025))
+    full, _ = saved_bytes(big, lambda: torch.nn.functional.cross_entropy(big(ids[:, :-1]).float().flatten(0, 1), ids[:, 1:].flatten()))
+    chunked, _ = saved_bytes(big, lambda: M.LMLoss(big, chunk=128)(ids))
+    trunk, _ = saved_bytes(big, lambda: big.hidden(ids[:, :-1]))
+    # chunked keeps the trunk's activations and the head's gradients (dh (N, d), dw (V, d)), not (N, V)
+    assert full >= trunk + 1024 * 4000 * 4 and chunked <= trunk + (1024 + 4000) * 64 * 4 + 1024 * 8, (trunk, full, chunked)
+
+
+def test_chunked_lm_loss_compiles_as_one_graph():
+    # what pretrain.py compiles on CUDA: the whole loss module, one graph (no break); backend "eager"
+    # checks the tracing without a C++ toolchain, "aot_eager" the traced backward too
+    torch._dynamo.reset()
+    m = random_model(n_layers=2).train()
+    batch = torch.randint(6, 97, (2, 200), generator=torch.Generator().manual_seed(2))
+    ref = M.LMLoss(m, chunk=128)(batch)
+    ref.backward()
+    g0 = {k: q.grad.clone() for k, q in m.named_parameters()}
+    for backend in ("eager", "aot_eager"):
+        m.zero_grad()
+        loss = torch.compile(M.LMLoss(m, chunk=128), backend=backend, fullgraph=True)(batch)
+        loss.backward()
+        assert abs(loss.item() - ref.item()) < 1e-6 and all(torch.allclose(q.grad, g0[k], atol=1e-6) for k, q in m.named_parameters())
+    torch._dynamo.reset()
+
+
+@pytest.mark.parametrize("amp", [False, True], ids=["float32", "bf16"])
+def test_plan_batch_arithmetic_covers_what_autograd_keeps(amp):
+    # the planner's arithmetic (per token and layer) against a count of the saved tensors, at
+    # tiny's and medium's widths: never below, at most 15% above
+    ctx = torch.autocast("cpu", dtype=torch.bfloat16, enabled=amp)
+    for d, heads in ((128, 2), (768, 12)):
+        kept = {}
+        for L in (1, 2):
+            m = M.Aria(M.ModelConfig(d_model=d, n_heads=heads, n_layers=L, max_seq_len=512)).train()
+            with ctx:
+                kept[L] = {T: saved_bytes(m, lambda: m.hidden(torch.randint(6, 1000, (1, T))))[0] for T in (128, 256)}
+        per_token_layer = ((kept[2][256] - kept[1][256]) - (kept[2][128] - kept[1][128])) / 128
+        cfg = M.ModelConfig(d_model=d, n_heads=heads, n_layers=1)
+        need = lambda T, ck: M.plan_batch(cfg, T, 1, "cpu", 1, ck, amp)[2]  # noqa: E731  bytes for 1 x T tokens
+        model_says = need(1, "0") - need(0, "0") - 8 * d
+        assert per_token_layer <= model_says <= 1.15 * per_token_layer, (d, per_token_layer, model_says)
+        assert need(1, "1") - need(0, "1") >= per_token_layer  # checkpointed: one block is recomputed at a time
+
+
+def test_plan_batch_reaches_the_papers_batch_with_micro_batches_that_fit():
+    med, gib = M.PRESETS["medium"], 2**30
+    plan = lambda cap, **kw: M.plan_batch(med, 8192, 16, "cpu", capacity=cap * gib, **kw)[:2]  # noqa: E731
+    assert plan(79) == (4, False)    # H100 80 GB: 4 micro-batches of 4, no recompute
+    assert plan(139) == (8, False)   # H200
+    assert plan(39) == (1, False)    # A100 40 GB
+    assert plan(22) == (2, True)     # a 24 GB card: checkpointing, then the largest micro-batch that fits
+    assert plan(79, micro=2) == (2, False) and plan(79, grad_ckpt="1") == (16, True) and plan(79, grad_ckpt="0", micro=16) == (16, False)
+    assert plan(4) == (1, True)      # nothing fits: the smallest (and an out-of-memory error will say what to change)
+    for cap in (79, 139, 39, 22):
+        assert M.plan_batch(med, 8192, 16, "cpu", capacity=cap * gib)[2] <= 0.8 * cap * gib
+    assert M.plan_batch(med, 8192, 16, "cpu")[:2] == (16, False)  # no memory figure: the whole batch
+    assert "micro-batches of 4 x 8192 (4 per step), activation checkpointing off; estimated" in M.plan_batch(
+        med, 8192, 16, "cpu", capacity=79 * gib)[3]
+    with pytest.raises(SystemExit, match="does not divide"):
+        M.plan_batch(med, 8192, 16, "cpu", micro=3)
 
 
 def test_cnd_training_touches_adapter():

@@ -116,6 +116,17 @@ def test_prepare_empty_or_all_bad(tmp_path):
     assert r.returncode != 0 and "no file survived" in r.stderr and not (tmp_path / "ds" / "meta.json").exists()
 
 
+def test_prepare_empty_splits_have_their_own_line(tmp_path):
+    # every kept file drawn into validation is not "no file survived ({})"
+    r = run("prepare.py", "--synthetic", "6", "--out", tmp_path / "ds", "--val_fraction", "0.9999", "--workers", "1", ok=False)
+    assert r.returncode == 1 and "all 6 kept files fell in the validation split" in r.stderr and "survived" not in r.stderr
+    assert not (tmp_path / "ds" / "meta.json").exists()
+    r = run("prepare.py", "--synthetic", "6", "--out", tmp_path / "ds2", "--val_fraction", "0", "--workers", "1")
+    assert "the validation split is empty" in r.stderr and (tmp_path / "ds2" / "meta.json").is_file()
+    r = run("prepare.py", "--synthetic", "6", "--out", tmp_path / "ds3", "--val_fraction", "1", ok=False)
+    assert r.returncode == 1 and "--val_fraction 1.0" in r.stderr and "Traceback" not in r.stderr
+
+
 def test_composition_cap():
     files = [f"f{i}.mid" for i in range(40)]
     meta = {f: {"composer": "chopin", "opus": "64", "piece": "2"} for f in files[:15]}
@@ -170,11 +181,11 @@ def test_resume_with_loader_workers_matches(synth, tmp_path):
     assert losses(tmp_path / "w0") == losses(tmp_path / "w2")
 
 
-def test_ddp_two_gloo_processes_match_one(synth, tmp_path):
-    args = ["--data", synth, *FAST, "--max_iters", "3", "--batch_size", "2"]
-    run("pretrain.py", *args, "--out", tmp_path / "one", "--grad_accum", "2")
+def test_ddp_two_gloo_processes_match_one_and_log_per_process_rates(synth, tmp_path):
+    args = ["--data", synth, *FAST, "--max_iters", "3", "--peak_tflops", "1"]
+    run("pretrain.py", *args, "--out", tmp_path / "one", "--batch_size", "4", "--micro_batch", "2")
     r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29531",
-                        str(ROOT / "pretrain.py"), *map(str, args), "--out", str(tmp_path / "two")],
+                        str(ROOT / "pretrain.py"), *map(str, args), "--batch_size", "2", "--out", str(tmp_path / "two")],
                        capture_output=True, text=True, env=ENV, timeout=300, cwd=ROOT)
     assert r.returncode == 0, r.stdout + r.stderr
     assert r.stdout.count("step 1 |") == 1  # only rank 0 prints
@@ -184,6 +195,10 @@ def test_ddp_two_gloo_processes_match_one(synth, tmp_path):
     a, b = M.load_model(tmp_path / "one"), M.load_model(tmp_path / "two")
     for (k, x), y in zip(a.state_dict().items(), b.state_dict().values()):
         assert torch.allclose(x, y, atol=1e-5), k
+    # tokens/s and MFU are one process's: its 2 x 64 tokens per step, not the global batch's 4 x 64
+    rec = [d for d in map(json.loads, open(tmp_path / "two" / "log.jsonl")) if "tok_s" in d][-1]
+    assert rec["tok_s"] * rec["ms"] / 1e3 == pytest.approx(2 * 64, rel=0.02)
+    assert rec["mfu"] == pytest.approx(M.flops_per_token(M.PRESETS["tiny"], 64) * rec["tok_s"] / 1e12, rel=1e-3, abs=1e-4)
 
 
 def test_interrupted_checkpoint_write_keeps_previous(tmp_path, monkeypatch):

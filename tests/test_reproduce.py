@@ -1,6 +1,7 @@
-"""reproduce.py --scale smoke end to end on MIDI made here: every stage runs, the table has every row,
-every number is read back from a stage's own output, and a repeated command skips finished stages and
-resumes an interrupted one."""
+"""reproduce.py --scale smoke end to end on MIDI made here, with a labels CSV without a split column
+(the stages split it as finetune_cls.py does): every stage runs, the table has every row, every number
+is read back from a stage's own output, and a repeated command skips finished stages and resumes an
+interrupted one."""
 import csv
 import json
 import os
@@ -39,9 +40,9 @@ def smoke(tmp_path_factory):
     for c, (lo, hi) in REGISTERS.items():  # three classes told apart by pitch range
         for i in range(8):
             piece(rng, lo, hi, rng.randint(60, 160)).save(tmp / "task" / "midi" / f"{c}_{i}.mid")
-            rows.append((f"midi/{c}_{i}.mid", c, "train" if i < 5 else "valid" if i < 7 else "test"))
+            rows.append((f"midi/{c}_{i}.mid", c))
     with open(tmp / "task" / "labels.csv", "w", newline="") as f:
-        csv.writer(f).writerows([("path", "register", "split"), *rows])
+        csv.writer(f).writerows([("path", "register"), *rows])  # no split column: most users' own labels
     args = ["--scale", "smoke", "--data", tmp / "midi", "--task", f"{tmp / 'task' / 'labels.csv'}:register",
             "--out", tmp / "out", "--device", "cpu", "--workers", "0"]
     r = reproduce(*args)
@@ -64,7 +65,10 @@ def test_smoke_table_has_every_row_and_real_numbers(smoke):
         probe = json.loads((out / "task" / f"emb_Aria_Emb_probe{seed}.json").read_text())
         assert rows["Aria_Emb"]["macro_f1"]["values"][seed] == round(100 * probe["best"]["test"]["macro_f1"], 2)
     md = (out / "results.md").read_text()
-    assert md.count("\n| ") == len(ROWS) + 1 and "± " in md and "scale `smoke`" in md
+    assert md.count("\n| ") == len(ROWS) + 1 and "± " in md and "scale `smoke`" in md and "stratified split" in md
+    # 8 files per class: 1 test, 1 valid, 6 train, the same in the classifier and the probe
+    assert res["tasks"]["task"]["train_files"] == 18 and res["tasks"]["task"]["split"] == "stratified"
+    assert cls["files"] == {"train": 18, "valid": 3, "test": 3} and probe["files"] == cls["files"]
     assert "[21/21]" in r.stdout and "reproduce: done" in r.stdout
 
 
@@ -79,6 +83,21 @@ def test_repeat_skips_finished_stages_and_resumes_an_interrupted_one(smoke):
     assert r.stdout.count("done already, skipped") == 20
     steps = [d["step"] for d in map(json.loads, open(out / "pretrain" / "log.jsonl")) if "loss" in d]
     assert steps[-1] == 30 and torch.load(ckpt_path, weights_only=True)["step"] == 30
+
+
+def test_parse_task_with_and_without_a_split_column(tmp_path):
+    import model as M
+    import reproduce as R
+    names, labels = [f"m/{c}{i}.mid" for c in "ab" for i in range(10)], [c for c in "ab" for _ in range(10)]
+    (tmp_path / "plain.csv").write_text("path,label\n" + "".join(f"{n},{l}\n" for n, l in zip(names, labels)))
+    t = R.parse_task(f"{tmp_path / 'plain.csv'}:label")
+    assert t["split"] == "stratified" and t["n_train"] == M.stratified_split(names, labels).count("train") == 16
+    (tmp_path / "split.csv").write_text("path,label,fold\n" + "".join(f"{n},{l},{'test' if i % 2 else 'train'}\n"
+                                                                        for i, (n, l) in enumerate(zip(names, labels))))
+    t = R.parse_task(f"{tmp_path / 'split.csv'}:label:fold")
+    assert t["split"] == "csv" and t["split_col"] == "fold" and t["n_train"] == 10
+    with pytest.raises(R.Fail, match="'fold'"):
+        R.parse_task(f"{tmp_path / 'plain.csv'}:label:fold")  # a split column named on the command line must exist
 
 
 def test_bad_task_one_line(tmp_path):
