@@ -129,13 +129,14 @@ def find_midi(inputs):
     return files
 
 
-def file_chunks(path, notes_per_chunk=300, max_len=2048, max_chunks=0):
-    """-> (chunks, None) or (None, one-line error). The official chunk ids (SPEC §D.4)."""
+def file_chunks(path, notes_per_chunk=300, max_len=2048, max_chunks=0, pedal=False):
+    """-> (chunks, None) or (None, one-line error). The official chunk ids (SPEC §D.4), in the
+    model's vocabulary (pedal: the 17,729-token one)."""
     try:
         score = T.load_midi(path)
         if max_chunks:
             score = score.with_notes(score.notes[:max_chunks * notes_per_chunk])
-        return T.note_chunks(score, notes_per_chunk, max_len), None
+        return T.note_chunks(score, notes_per_chunk, max_len, pedal=pedal), None
     except T.TokenizerError as e:
         return None, str(e)
     except Exception as e:  # anything else a strange file provokes: report it, never die
@@ -180,7 +181,7 @@ def embed_files(model, paths, batch_size=16, head="emb", notes_per_chunk=300, ma
     for b in range(0, len(paths), block):
         group, chunks, owner = paths[b:b + block], [], []
         for p in group:
-            c, err = file_chunks(p, notes_per_chunk, max_len, max_chunks)
+            c, err = file_chunks(p, notes_per_chunk, max_len, max_chunks, model.pedal)
             if err:
                 errors.append(err)
                 if on_error:

@@ -210,19 +210,19 @@ def make_slices(ids, slice_len):
     return out
 
 
-def tokenize_file(path, slice_len):
-    """-> (slices, None) or (None, one-line error). Runs in pool workers (no torch needed)."""
+def tokenize_file(path, slice_len, pedal=False):
+    """-> (slices, None) or (None, one-line error), in the model's vocabulary. Runs in pool workers."""
     try:
-        return make_slices(T.tokenize(path, dim=False, eos=False), slice_len), None
+        return make_slices(T.tokenize(path, dim=False, eos=False, pedal=pedal), slice_len), None
     except T.TokenizerError as e:
         return None, str(e)
     except Exception as e:  # anything else a strange file provokes: report it, never die
         return None, f"{path}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
 
 
-def tokenize_all(paths, slice_len, world=1):
+def tokenize_all(paths, slice_len, world=1, pedal=False):
     """Tokenize every file once, in a process pool when there are many."""
-    job = partial(tokenize_file, slice_len=slice_len)
+    job = partial(tokenize_file, slice_len=slice_len, pedal=pedal)
     procs = max(1, min(16, (os.cpu_count() or 1) // world))
     if len(paths) < 64 or procs == 1:
         return [job(p) for p in paths]
@@ -347,7 +347,7 @@ def predict_main(args):
     autocast = torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None)
     failed = 0
     for path in args.predict:
-        slices, err = tokenize_file(path, slice_len)
+        slices, err = tokenize_file(path, slice_len, model.pedal)
         if err:
             print(f"finetune_cls.py: {err}", file=sys.stderr, flush=True)
             failed += 1
@@ -410,8 +410,10 @@ def train(args):
     rows, classes, has_split = read_labels(args.labels, args.path_col, args.label_col, args.split_col,
                                            args.split_col != "split", args.valid_frac, args.test_frac)
     cls_id = {c: i for i, c in enumerate(classes)}
+    model = build_model(args, len(classes), out).to(device).train()  # first: files are tokenized in its vocabulary
     skipped, files = [], {s: [] for s in SPLITS}  # split -> [(path, label id, slices)]
-    for (path, label, split, _), (slices, err) in zip(rows, tokenize_all([r[0] for r in rows], args.slice_len, world)):
+    tokenized = tokenize_all([r[0] for r in rows], args.slice_len, world, model.pedal)
+    for (path, label, split, _), (slices, err) in zip(rows, tokenized):
         if err:
             skipped.append(err)
             say(f"finetune_cls.py: skipping {err}", file=sys.stderr)
@@ -432,7 +434,6 @@ def train(args):
         raise Fail(f"{args.labels}: its classes differ from those of the run in {out}")
     args.classes = classes  # saved in every checkpoint (vars(args)): --predict needs the names
 
-    model = build_model(args, len(classes), out).to(device).train()
     train_slices = [s for f in files["train"] for s in f[2]]
     train_labels = [f[1] for f in files["train"] for _ in f[2]]
     micro, model.config.grad_checkpoint, _, plan = M.plan_batch(model.config, args.slice_len, args.batch_size, device, args.micro_batch,

@@ -353,14 +353,16 @@ def train(args):
     data = Path(args.data)
     if not (data / "meta.json").is_file():
         raise Fail(f"{data} is not a dataset (no meta.json): run prepare.py first")
-    if json.loads((data / "meta.json").read_text())["vocab_hash"] != T.VOCAB_HASH:
-        raise Fail(f"{data} was tokenized with another vocabulary")
+    if M.data_vocab(data) != T.VOCAB_SIZE:  # views are re-cut from the tokens, which drops pedal events
+        raise Fail(f"{data} holds pedal tokens (prepare.py --pedal): contrastive finetuning reads the default "
+                   "vocabulary, as the official embedding model does; prepare the data without --pedal")
     # no TF32: the embedding head and the similarities must stay float32 (near-identical embeddings, below)
     rank, world, device = M.setup_distributed(args.device, tf32=False)
     master, out = rank == 0, Path(args.out)
     amp = M.autocast_dtype(args.dtype, device)
     autocast = torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None)
     model = build_model(args).to(device)
+    M.data_vocab(data, model)  # a pedal --init with this default-vocabulary data: one line
     # the micro-batch is the loss's batch (its negatives): only activation checkpointing is planned
     _, model.config.grad_checkpoint, _, plan = M.plan_batch(model.config, args.max_len, 2 * args.batch_size, device,
                                                          2 * args.batch_size, args.grad_checkpoint, amp is not None, lm_head=False)

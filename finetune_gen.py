@@ -153,8 +153,10 @@ def main():
     data = Path(args.data)
     if not (data / "meta.json").is_file():
         sys.exit(f"finetune_gen.py: {data} is not a dataset (no meta.json): run prepare.py first")
-    if json.loads((data / "meta.json").read_text())["vocab_hash"] != T.VOCAB_HASH:
-        sys.exit(f"finetune_gen.py: {data} was tokenized with another vocabulary")
+    try:  # the dataset's vocabulary must be the model's (prepare.py --pedal for a pedal model)
+        M.data_vocab(data, model)
+    except M.CheckpointError as e:
+        sys.exit(f"finetune_gen.py: {e}")
     args.seq_len = args.seq_len or model.config.max_seq_len
     if args.seq_len > model.config.max_seq_len:
         sys.exit(f"finetune_gen.py: --seq_len {args.seq_len} exceeds the model's context {model.config.max_seq_len}")

@@ -315,6 +315,21 @@ def vocab_hash(vocab_size):
     return tokenizer.PEDAL_VOCAB_HASH if vocab_size == tokenizer.PEDAL_VOCAB_SIZE else tokenizer.VOCAB_HASH
 
 
+def data_vocab(folder, model=None) -> int:
+    """The vocabulary size a prepared dataset (prepare.py, meta.json) was tokenized for; with a
+    model, a CheckpointError unless the model speaks it (a pedal dataset needs a pedal model)."""
+    meta = json.loads((Path(folder) / "meta.json").read_text())
+    size = {tokenizer.VOCAB_HASH: VOCAB_SIZE, tokenizer.PEDAL_VOCAB_HASH: tokenizer.PEDAL_VOCAB_SIZE}.get(meta["vocab_hash"])
+    if size is None:
+        raise CheckpointError(f"{folder} was tokenized with another vocabulary (hash {meta['vocab_hash']})")
+    if model is not None and model.config.vocab_size != size:
+        kinds = {VOCAB_SIZE: "the default vocabulary", tokenizer.PEDAL_VOCAB_SIZE: "the pedal vocabulary"}
+        raise CheckpointError(f"{folder} holds {kinds[size]} ({size} ids) but the model speaks "
+                              f"{kinds.get(model.config.vocab_size, 'another')} ({model.config.vocab_size}): prepare "
+                              f"the data {'without' if size > VOCAB_SIZE else 'with'} --pedal, or use a matching model")
+    return size
+
+
 class CheckpointError(Exception):
     """A checkpoint could not be found, read, or does not fit the model."""
 

@@ -120,10 +120,10 @@ def quality_problem(s, f):
 
 def process(job):
     """Worker: one file -> (path, ids or None, reason, stats, content hash)."""
-    path, filters = job
+    path, filters, pedal = job
     try:
         score = T.load_midi(path)
-        ids = T.tokenize(score, dim=False)
+        ids = T.tokenize(score, dim=False, pedal=pedal)  # pedal mode refuses non-piano files
     except T.TokenizerError as e:
         return path, None, "unreadable: " + str(e).split(": ", 1)[-1], None, None
     except Exception as e:  # a mido corner case we have not seen: report it, keep going
@@ -133,7 +133,7 @@ def process(job):
     why = quality_problem(stats, filters)
     if why:
         return path, None, why, stats, digest
-    ids = T.tokenize(score, rng=random.Random(digest))  # with <D>, as the official data
+    ids = T.tokenize(score, rng=random.Random(digest), pedal=pedal)  # with <D>, as the official data
     return path, np.asarray(ids, dtype=np.uint16), None, stats, digest
 
 
@@ -300,6 +300,8 @@ def main():
     ap.add_argument("--workers", type=int, default=os.cpu_count(), help="worker processes")
     ap.add_argument("--seed", type=int, default=0, help="seed of the synthetic corpus")
     ap.add_argument("--force", action="store_true", help="replace an existing dataset in OUT")
+    ap.add_argument("--pedal", action="store_true", help="tokenize with pedal tokens (17,729 ids, the official demo's "
+                    "vocabulary; piano only): for models that lift and press the pedal")
     args = ap.parse_args()
     if not 0 <= args.val_fraction < 1:
         sys.exit(f"prepare.py: --val_fraction {args.val_fraction}: expected a share in [0, 1), training needs files")
@@ -346,7 +348,7 @@ def main():
         log.write(json.dumps({"file": f, "kept": False, "reason": why}) + "\n")
     ctx = mp.get_context("fork" if sys.platform.startswith("linux") else "spawn")
     with ctx.Pool(max(1, args.workers)) as pool:
-        for path, ids, why, stats, digest in pool.imap(process, [(f, filters) for f in todo], chunksize=4):
+        for path, ids, why, stats, digest in pool.imap(process, [(f, filters, args.pedal) for f in todo], chunksize=4):
             done += 1
             if why is None and digest in seen:
                 why = "duplicate of an earlier file"
@@ -379,7 +381,8 @@ def main():
             sys.exit(f"prepare.py: all {counts['val']['files']} kept files fell in the validation split (--val_fraction "
                      f"{args.val_fraction}), none in training: lower --val_fraction; nothing written")
         sys.exit(f"prepare.py: no file survived ({dict(reasons)}); nothing written")
-    meta = {"vocab_hash": T.VOCAB_HASH, "vocab_size": T.VOCAB_SIZE, "dtype": "uint16", "splits": counts,
+    meta = {"vocab_hash": T.PEDAL_VOCAB_HASH if args.pedal else T.VOCAB_HASH, "pedal": args.pedal,
+            "vocab_size": T.PEDAL_VOCAB_SIZE if args.pedal else T.VOCAB_SIZE, "dtype": "uint16", "splits": counts,
             "inputs": [str(r) for r in roots], "filters": filters, "strict": args.strict, "val_fraction": args.val_fraction,
             "composition_cap": {"metadata": args.metadata, "max_per_piece": args.max_per_piece,
                                 "composer_min": args.composer_min} if args.metadata else None}

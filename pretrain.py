@@ -129,8 +129,6 @@ def load_data(args, rank, world):
                             "--synthetic", str(QUICKSTART_FILES), "--out", str(data)], check=True)
         if world > 1:
             torch.distributed.barrier()
-    if json.loads((data / "meta.json").read_text())["vocab_hash"] != T.VOCAB_HASH:
-        sys.exit(f"pretrain.py: {data} was tokenized with another vocabulary")
     train_set = PackedWindows(data, "train", args.seq_len, args.seed, args.augment)
     if len(train_set) == 0:
         sys.exit(f"pretrain.py: {data} has fewer than {2 * args.seq_len + 1} training tokens for --seq_len {args.seq_len}")
@@ -161,12 +159,15 @@ def main():
     torch.manual_seed(args.seed)
     cfg = M.PRESETS[args.preset]
     args.seq_len = args.seq_len or cfg.max_seq_len
-    model = M.Aria(M.replace(cfg, max_seq_len=max(cfg.max_seq_len, args.seq_len))).to(device)
+    train_set, val_set = load_data(args, rank, world)
+    try:  # the dataset's vocabulary: 17,727 ids, or 17,729 from prepare.py --pedal
+        vocab = M.data_vocab(args.data)
+    except M.CheckpointError as e:
+        sys.exit(f"pretrain.py: {e}")
+    model = M.Aria(M.replace(cfg, max_seq_len=max(cfg.max_seq_len, args.seq_len), vocab_size=vocab)).to(device)
     micro, model.config.grad_checkpoint, _, plan = M.plan_batch(model.config, args.seq_len, args.batch_size, device,
                                                              args.micro_batch, args.grad_checkpoint, amp is not None)
     accum = args.batch_size // micro
-
-    train_set, val_set = load_data(args, rank, world)
     per_step = args.batch_size * world
     if args.max_iters is None:
         args.max_iters = max(1, int(args.epochs * len(train_set) / per_step))

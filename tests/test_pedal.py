@@ -118,3 +118,46 @@ def test_sample_cli_continues_with_the_pedal(demo, tmp_path):
     assert T.PED_ON_ID in prompt_ids  # the prompt was tokenized for the pedal model, without a flag
     midi = mido.MidiFile(str(tmp_path / "prompt_1.mid"))
     assert any(m.type == "control_change" and m.control == 64 for m in midi)  # the pedal is written back
+
+
+def run(script, *args, ok=True):
+    r = subprocess.run([sys.executable, str(ROOT / script), *map(str, args)], capture_output=True, text=True,
+                       env=ENV, cwd=ROOT, timeout=300)
+    assert (r.returncode == 0) == ok, r.stdout[-1500:] + r.stderr[-1500:]
+    return r
+
+
+def test_pedal_datasets_prepare_train_finetune_and_refuse_mismatches(tmp_path):
+    src = tmp_path / "midi"
+    src.mkdir()
+    for k in range(10):  # pedalled piano performances, varied enough for the quality filters
+        notes = [(i * 180 + 7 * (i % 5), i * 180 + 250 + 40 * ((i + k) % 7), 40 + (i * 7 + k * 3) % 45,
+                  30 + (i * 13 + k) % 90, 0) for i in range(90)]
+        pedals = [(t, on) for j in range(8) for t, on in ((j * 2000 + 10, 1), (j * 2000 + 1500, 0))]
+        T.notes_to_midi(notes, {0: 0}, pedals).save(str(src / f"p{k}.mid"))
+    T.notes_to_midi([(i * 200, i * 200 + 300, 50 + i % 20, 70, 0) for i in range(90)], {0: 24}).save(str(src / "guitar.mid"))
+    run("prepare.py", src, "--out", tmp_path / "ds", "--pedal", "--workers", "1", "--val_fraction", "0.2")
+    meta = json.loads((tmp_path / "ds" / "meta.json").read_text())
+    assert meta["pedal"] and meta["vocab_hash"] == T.PEDAL_VOCAB_HASH and meta["vocab_size"] == 17729
+    report = json.loads((tmp_path / "ds" / "report.json").read_text())
+    assert report["kept"] == 10 and report["dropped"] == 1  # the guitar file: pedal mode takes piano only
+    import numpy as np
+    assert (np.fromfile(tmp_path / "ds" / "train.bin", dtype=np.uint16) >= T.PED_ON_ID).sum() > 50
+
+    fast = ["--preset", "tiny", "--seq_len", "64", "--batch_size", "4", "--warmup", "2", "--device", "cpu",
+            "--workers", "0", "--eval_interval", "100"]
+    run("pretrain.py", "--data", tmp_path / "ds", "--out", tmp_path / "pre", *fast, "--max_iters", "3")
+    pre = M.load_model(tmp_path / "pre")
+    assert pre.pedal  # the dataset's vocabulary, without a flag
+    gen = ["--data", tmp_path / "ds", "--seq_len", "64", "--batch_size", "2", "--max_iters", "2", "--warmup", "1",
+           "--device", "cpu", "--workers", "0"]
+    run("finetune_gen.py", "--init", tmp_path / "pre", "--out", tmp_path / "gen", *gen)
+    assert M.load_model(tmp_path / "gen").pedal
+    M.save_checkpoint(tmp_path / "default.pt", M.Aria(M.PRESETS["tiny"]).eval())
+    r = run("finetune_gen.py", "--init", tmp_path / "default.pt", "--out", tmp_path / "bad", *gen, ok=False)
+    assert r.stderr.strip().count("\n") == 0 and "pedal vocabulary" in r.stderr and "--pedal" in r.stderr
+    r = run("finetune_contrastive.py", "--init", "none", "--preset", "tiny", "--data", tmp_path / "ds", "--out",
+            tmp_path / "ctr", "--device", "cpu", ok=False)
+    assert r.stderr.strip().count("\n") == 0 and "pedal tokens" in r.stderr
+    r = run("sample.py", "--ckpt", tmp_path / "gen", "--out", tmp_path / "s", "--length", "40", "--device", "cpu")
+    assert "pedal tokens" in r.stdout and (tmp_path / "s" / "scratch_1.mid").is_file()
