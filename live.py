@@ -16,9 +16,9 @@ What it does, after the official demo (EleutherAI/aria demo/demo_mlx.py), in pla
   down for --pause seconds, or --takeover seconds into a file. Aria's first note starts no earlier
   than 200 ms before that moment (<T> tokens up to now's 5-s segment, then an onset floor).
 - play: each note is sent the moment its tokens are decoded, at its time on the wall clock, by a
-  scheduler thread. Late notes are never dropped: a note decoded after its time starts at once,
-  is counted late if that is more than 50 ms after its time, and the timeline moves by the delay,
-  so the notes after it keep their rhythm. Aria decodes at most --lookahead seconds ahead.
+  scheduler thread. Late notes are never dropped: a note decoded after its time starts at once;
+  more than 50 ms after its time it counts as late and the timeline moves by the delay, so the
+  notes after it keep their rhythm. Aria decodes at most --lookahead seconds ahead.
 - take back: any note from the pianist while Aria plays stops it at once (its sounding notes are
   released, the pedal lifted); --turns N hands over N times. On every exit (the end, Ctrl-C, an
   error, a vanished port) every note Aria or a file started is released and the pedal lifted.
@@ -44,6 +44,7 @@ import tokenizer as T
 
 LATE_MS = 50             # a note sent later than this after its time counts as late
 FIRST_NOTE_SLACK_MS = 200  # Aria's first onset: no earlier than this before the takeover (official demo)
+PREFILL_CHUNK = 32       # tokens per prefill while listening (official demo: 16): a takeover waits for one at most
 
 
 class LiveError(Exception):
@@ -170,9 +171,9 @@ class Player:
         with self.cv:
             now = time.perf_counter()
             due = asked = self.clock.start + start_ms / 1000 + self.shift
-            if due < now:
+            if due < now - LATE_MS / 1000:  # late: the timeline moves (a chord's last notes, a few ms behind, do not)
                 self.shift += now - due
-                due = now
+            due = max(due, now)
             self.stats["last_start"] = max(self.stats["last_start"], due)
             self.stats["first_ready"] = self.stats["first_ready"] or now
             self._push(due, ("on", channel, pitch, velocity, (end_ms - start_ms) / 1000, asked))
@@ -408,19 +409,21 @@ class Duet:
                 self.last_key = ms
         return pressed, takeover
 
-    def prefill(self, ids):
-        """Put ids[:-1] in the KV cache, from where it first differs from what the cache holds."""
+    def prefill(self, ids, limit=None):
+        """Put ids[:-1] (at most `limit` more tokens of it) in the KV cache, from where it first
+        differs from what the cache holds."""
         k = next((i for i, (x, y) in enumerate(zip(ids, self.cached)) if x != y), min(len(ids), len(self.cached)))
-        k = min(k, len(ids) - 1)
-        if k < len(ids) - 1:
+        end = min(len(ids) - 1, k + (limit or len(ids)))
+        if k < end:
             with torch.no_grad():
-                self.model(torch.tensor([ids[k:-1]], device=self.device), input_pos=k,
+                self.model(torch.tensor([ids[k:end]], device=self.device), input_pos=k,
                            out_pos=torch.zeros(1, dtype=torch.long, device=self.device))
-        self.cached = ids[:-1]
-        return k
+        self.cached = ids[:end]
+        return end == len(ids) - 1  # all in
 
     def listen(self):
-        """Until the takeover; -> its time (ms), or None when a file has ended and was answered."""
+        """Until the takeover; -> the time of its signal (ms), or None when a file has ended and was
+        answered. Prefills run between polls, a chunk at a time."""
         last_prefill = time.perf_counter()
         while True:
             _, takeover = self.poll()
@@ -430,13 +433,13 @@ class Duet:
             at_time = self.a.takeover is not None and now >= self.a.takeover * 1000 and self.turns == 0
             ended = getattr(self.human, "finished", False) and not self.perf.held  # a file is over
             if self.perf.origin is not None and (takeover or paused and heard or at_time or ended and heard):
-                self.heard = False
-                return now
+                self.heard = False  # the signal's time: a pause ends pause s after the last key; a file at --takeover
+                return min(now, self.last_key + self.a.pause * 1000 if paused else self.a.takeover * 1000 if at_time else now)
             if ended:
                 return None
             if heard and time.perf_counter() - last_prefill >= self.a.prefill_every:
-                self.prefill(self.perf.tokens(now, self.context))
-                last_prefill = time.perf_counter()
+                done = self.prefill(self.perf.tokens(now, self.context), PREFILL_CHUNK)
+                last_prefill = time.perf_counter() - (0 if done else self.a.prefill_every)  # behind: again at once
             time.sleep(0.002)
 
     def play(self, t_take):
@@ -447,7 +450,7 @@ class Duet:
         body = ids.index(T.BOS_ID) + 1
         ids += [T.SEG_ID] * max(0, floor // T.SEGMENT_MS - ids[body:].count(T.SEG_ID))
         same_segment = ids[body:].count(T.SEG_ID) == floor // T.SEGMENT_MS
-        k = self.prefill(ids)
+        self.prefill(ids)  # the cache now holds ids[:-1]
         stream, origin, interrupted = NoteStream(ids), perf.origin, []
         length = min(a.length, self.model.model.encode_layers[0].kv_cache.k.shape[2] - len(ids))
 
@@ -469,7 +472,7 @@ class Duet:
 
         row = S.generate(self.model, ids, 1, length, a.temp, a.min_p, a.top_p, a.top_k, a.seed + self.turns,
                          a.end, self.device, grammar=not a.no_grammar, seconds=a.seconds, on_step=on_step,
-                         prefilled=k, min_onset_ms=floor % T.SEGMENT_MS if same_segment else 0,
+                         prefilled=len(ids) - 1, min_onset_ms=floor % T.SEGMENT_MS if same_segment else 0,
                          compile=a.compile and self.device.type == "cuda",
                          cuda_graph=a.cuda_graph and self.device.type == "cuda")[0]
         self.cached = row[:-1]
@@ -554,7 +557,8 @@ def main(argv=None):
     device = S.pick_device(a.device)
     model, path = S.load_lm(a, device, S.pick_dtype(a.dtype, device))
     log = (lambda msg: print(msg, file=sys.stderr, flush=True)) if a.out == "-" else print
-    log(f"model: {path}, {model.num_params() / 1e6:.1f}M parameters, {device}, quantize {a.quantize}")
+    log(f"model: {path}, {model.num_params() / 1e6:.1f}M parameters, {device}, "
+        f"{(getattr(model, 'quantized', None) or {'mode': 'float'})['mode']} weights{', pedal' if model.pedal else ''}")
     clock = Clock()
     if file_mode:
         human.start(clock)
