@@ -6,6 +6,7 @@ continuations of 15-second prompts; official behaviour in SPEC §D.1-D.3).
     python sample.py prompt.mid                             # latest checkpoint in out/pretrain
     python sample.py --ckpt out/pretrain --variations 4     # from scratch: piano prefix, <S>
     python sample.py prompt.mid --end --plot --continuation_only
+    python sample.py prompt.mid --quantize int8 --stream --port "Synth"   # a CPU, heard as it is written
 
 Writes OUT/<prompt stem>_<i>.mid (prompt + continuation; with --continuation_only
 the continuation alone, moved to start at 0 s) and OUT/<prompt stem>_<i>.json
@@ -21,7 +22,9 @@ What it does, top to bottom:
   --end is the official force_end: in the last 130 positions the first token at an event
   boundary becomes <D>, the ending cue of the generative finetune (paper §3.2).
 - grammar (ours, not official): only tokens that can legally come next in an Aria body,
-  so every sample decodes.
+  so every sample decodes; pedal events where the model speaks the pedal vocabulary.
+- live: --stream prints notes as decoded, --port plays them (live.py), --seconds ends by music
+  time; --quantize stores the weights as int8/int4 (quantize.py).
 """
 import argparse
 import functools
