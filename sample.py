@@ -396,8 +396,9 @@ def generate(model, prompt_ids, n_variations=1, length=2048, temp=0.98, min_p=0.
         model(seq[:, prefilled:P - 1], input_pos=prefilled, out_pos=torch.zeros_like(n))
     _sync(device)
     t1 = time.perf_counter()
+    rows_b = torch.arange(B, device=device)
     run(0)
-    stop = on_step is not None and on_step(0, seq[:, P].tolist())
+    stop = on_step is not None and on_step(0, seq[rows_b, pos - 1].tolist())  # each row's new token
     _sync(device)
     t_first = t_shown = time.perf_counter()
     steps = 1
@@ -410,7 +411,7 @@ def generate(model, prompt_ids, n_variations=1, length=2048, temp=0.98, min_p=0.
                 progress(steps, length)
         run(steps)
         if on_step is not None:
-            stop = on_step(steps, seq[:, P + steps].tolist())
+            stop = on_step(steps, seq[rows_b, pos - 1].tolist())
         steps += 1
     out = seq.tolist()  # the one big copy to the host
     t2 = time.perf_counter()

@@ -246,3 +246,13 @@ def test_sample_stream_prints_each_note_and_port_plays_them(files, tmp_path, mon
     played = [m for _, m in rec.msgs if m.type == "note_on" and m.velocity]
     assert len(played) == len([n for n in streamed if n.get("row") == 1 and "pitch" in n]) and rec.left_on() == []
     assert "0 stuck" in out
+
+
+@torch.no_grad()
+def test_on_step_sees_each_rows_own_new_token():
+    # prompts of different lengths: step i's token of a row sits at its own position
+    m, a = tiny(2), T.tokenize(_mid(), dim=False, eos=False)
+    b = a[:len(a) // 2]
+    seen = [[], []]
+    rows = S.generate(m, [a, b], 1, 30, seed=1, on_step=lambda i, toks: [s.append(t) for s, t in zip(seen, toks)] and False)
+    assert seen[0] == rows[0][len(a):len(a) + len(seen[0])] and seen[1] == rows[1][len(b):len(b) + len(seen[1])]
