@@ -593,3 +593,6 @@ if __name__ == "__main__":
     except (S.Fail, LiveError) as e:
         print(f"live.py: error: {e}", file=sys.stderr)
         sys.exit(1)
+    except KeyboardInterrupt:  # before the duet started: nothing was sent
+        print("live.py: stopped", file=sys.stderr)
+        sys.exit(130)
