@@ -533,8 +533,9 @@ def build_parser():
                     help="tokens of the performance the model sees at most (older notes are left out)")
     ap.add_argument("--prefill_every", type=float, default=0.25,
                     help="seconds between prefills of the performance while the pianist plays")
-    ap.add_argument("--lookahead", type=float, default=1.0,
-                    help="seconds of music Aria decodes ahead of the clock at most")
+    ap.add_argument("--lookahead", type=float, default=3.0,
+                    help="seconds of music Aria decodes ahead of the clock at most: a buffer for dense passages "
+                         "and big chords (what the pianist interrupts is dropped, so a longer one costs no delay)")
     S.add_model_args(ap)
     S.add_sampling_args(ap)
     return ap
