@@ -11,7 +11,6 @@ Each prints a small table and the median over --repeats runs of the whole file s
 This is a benchmark, not a test: run it on a quiet machine.
 """
 import argparse
-import os
 import random
 import statistics
 import sys

@@ -321,7 +321,7 @@ def stream_notes(prompt, rows, json_lines=False, port=None, vocab_size=T.VOCAB_S
             time.sleep(0.01)
         stuck = player.close()
         print(f"played {player.stats['notes']} notes on {port}: {player.stats['late']} late "
-              f"(timeline moved {player.shift:.2f} s), {stuck} stuck")
+              f"(timeline moved {player.shift:.2f} s), {stuck} stuck", file=sys.stderr if json_lines else sys.stdout)
         return player.error
     return on_step, finish
 
@@ -579,9 +579,9 @@ def main(argv=None):
                    first_note_ready_s=max(duet.first_ready, default=None),
                    notes=player.stats["notes"], late=player.stats["late"], stuck=stuck,
                    shift_s=round(player.shift, 3), turns=duet.turns)
-    if a.out == "-":
+    if a.out == "-" and not player.error:  # (a reader that left has already made player.error)
         print(json.dumps(summary), flush=True)
-    else:
+    elif a.out != "-":
         print(f"{summary['notes']} notes in {duet.turns} turns, {summary['late']} late, {stuck} stuck")
     if error or player.error:
         raise LiveError(error or player.error)
@@ -592,6 +592,7 @@ if __name__ == "__main__":
     try:
         sys.exit(main())
     except (S.Fail, LiveError) as e:
+        S.quiet_stdout() if "BrokenPipe" in str(e) else None  # --out -'s reader left (`| head`)
         print(f"live.py: error: {e}", file=sys.stderr)
         sys.exit(1)
     except KeyboardInterrupt:  # before the duet started: nothing was sent

@@ -29,7 +29,6 @@ interruptions. OUT/results.json and OUT/results.md hold the tables, with the sca
 import argparse
 import csv
 import json
-import math
 import os
 import statistics
 import subprocess

@@ -30,6 +30,7 @@ import argparse
 import functools
 import json
 import math
+import os
 import sys
 import time
 import warnings
@@ -622,24 +623,33 @@ def main(argv=None):
     except Fail as e:
         print(f"sample.py: error: {e}", file=sys.stderr)
         return 1
+    except BrokenPipeError:  # --stream's reader left (`| head`): stop quietly, as a Unix tool does
+        quiet_stdout()
+        return 1
+
+
+def quiet_stdout():
+    """Point stdout at /dev/null after its pipe closed, so the flush at exit stays silent."""
+    os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
 
 
 def run(argv=None):
     a = build_parser().parse_args(argv)
     check_args(a)
+    log = functools.partial(print, file=sys.stderr) if a.stream else print  # --stream: stdout is JSON lines
     if a.threads:
         torch.set_num_threads(a.threads)
     device = pick_device(a.device)
     dtype = pick_dtype(a.dtype, device)
     for option in ("compile", "cuda_graph"):
         if getattr(a, option) and device != "cuda":
-            print(f"note: --{option} applies to CUDA only; decoding eagerly on {device}")
+            log(f"note: --{option} applies to CUDA only; decoding eagerly on {device}")
     model, ckpt_path = load_lm(a, device, dtype)
     ids = load_prompt(a, model.pedal)
     name = Path(a.prompt).stem if a.prompt else "scratch"
     what = f"{a.prompt}, first {a.prompt_seconds:g} s" if a.prompt else "from scratch"
-    print(f"prompt: {what}: {len(ids)} tokens, {len(T.detokenize_notes(ids)[0])} notes")
-    print(f"model: {ckpt_path}, {model.num_params() / 1e6:.1f}M parameters, {device} "
+    log(f"prompt: {what}: {len(ids)} tokens, {len(T.detokenize_notes(ids)[0])} notes")
+    log(f"model: {ckpt_path}, {model.num_params() / 1e6:.1f}M parameters, {device} "
           f"{str(dtype).replace('torch.', '')}" + (", pedal tokens" if model.pedal else "")
           + (f", {a.quantize} weights" if a.quantize != "none" else ""))
     length = min(a.length, model.config.max_seq_len - len(ids))
@@ -647,7 +657,7 @@ def run(argv=None):
         raise Fail(f"the prompt has {len(ids)} tokens, the model's context is {model.config.max_seq_len}; "
                    "use a shorter --prompt_seconds")
     if length < a.length:
-        print(f"note: --length {a.length} capped at {length} (context {model.config.max_seq_len} "
+        log(f"note: --length {a.length} capped at {length} (context {model.config.max_seq_len} "
               f"minus the {len(ids)}-token prompt)")
 
     stats, gpu, on_step, finish = {}, device == "cuda", None, None
@@ -661,12 +671,12 @@ def run(argv=None):
         rows = generate(model, ids, a.variations, length, a.temp, a.min_p, a.top_p, a.top_k, a.seed, a.end, device,
                         grammar=not a.no_grammar, compile=a.compile and gpu, cuda_graph=a.cuda_graph and gpu,
                         stats=stats, seconds=a.seconds, on_step=on_step,
-                        progress=lambda steps, total: print(f"  {steps}/{total} steps", flush=True))
+                        progress=lambda steps, total: log(f"  {steps}/{total} steps", flush=True))
     finally:
         error = finish and finish()  # the last notes play out, then all off
     if error:
         raise Fail(f"{a.port}: {error}")
-    print(f"generated {stats['new_tokens']} new tokens ({a.variations} x up to {length}) in "
+    log(f"generated {stats['new_tokens']} new tokens ({a.variations} x up to {length}) in "
           f"{stats['prefill_s'] + stats['decode_s']:.2f} s: {stats['tokens_per_s']:.1f} tokens/s; "
           f"first new token after {stats['first_token_s']:.2f} s, then {stats['step_s'] * 1e3:.2f} ms per step")
 
@@ -694,9 +704,9 @@ def run(argv=None):
             if a.plot and plot_roll(old, new, f"{stem}.png", f"{name} #{i} (seed {a.seed})"):
                 written.append(f"{stem}.png")
             elif a.plot and i == 1:
-                print("note: matplotlib is not installed; no piano roll written (pip install matplotlib)")
+                log("note: matplotlib is not installed; no piano roll written (pip install matplotlib)")
             end = "ends with <E>" if side["ended"] else "no <E>"
-            print(f"wrote {', '.join(written)}: {len(new)} new notes, {side['n_new_tokens']} new tokens, {end}")
+            log(f"wrote {', '.join(written)}: {len(new)} new notes, {side['n_new_tokens']} new tokens, {end}")
     except OSError as e:
         raise Fail(f"{out}: cannot write ({e.strerror or e})") from None
     return 0

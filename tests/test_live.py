@@ -236,8 +236,8 @@ def test_sample_stream_prints_each_note_and_port_plays_them(files, tmp_path, mon
     monkeypatch.setattr(L, "open_port", lambda name, kind: rec)
     assert S.main([str(tmp_path / "p.mid"), "--ckpt", str(files / "run"), "--out", str(tmp_path / "o"), "--stream",
                    "--port", "Synth", "--seconds", "2", "--variations", "2", "--device", "cpu"]) == 0
-    out = capsys.readouterr().out
-    streamed = [json.loads(x) for x in out.splitlines() if x.startswith("{")]
+    out, err = capsys.readouterr()
+    streamed = [json.loads(x) for x in out.splitlines()]  # stdout: JSON lines only; the log is on stderr
     for row in (1, 2):
         side = json.loads((tmp_path / "o" / f"p_{row}.json").read_text())
         new = S.split_notes(side["ids"], side["n_prompt_tokens"])[1]
@@ -245,8 +245,22 @@ def test_sample_stream_prints_each_note_and_port_plays_them(files, tmp_path, mon
                 and "pitch" in n] == [n[:4] for n in new]  # every note, as the file has it, in order
     played = [m for _, m in rec.msgs if m.type == "note_on" and m.velocity]
     assert len(played) == len([n for n in streamed if n.get("row") == 1 and "pitch" in n]) and rec.left_on() == []
-    assert "0 stuck" in out
+    assert "0 stuck" in err and "generated" in err
 
+
+
+def test_stream_readers_that_leave_early_end_both_quietly(files, tmp_path):
+    from test_tokenizer import first_line_then_close
+    write_midi(tmp_path / "p.mid", phrase(0, 3.0))
+    line, code, err = first_line_then_close([sys.executable, str(ROOT / "sample.py"), tmp_path / "p.mid", "--ckpt",
+                                             files / "run", "--stream", "--length", 600, "--out", tmp_path / "o",
+                                             "--device", "cpu", "--threads", "1"], env=ENV, cwd=ROOT)
+    assert "pitch" in json.loads(line) and code == 1 and "Traceback" not in err and "Exception" not in err
+    line, code, err = first_line_then_close([sys.executable, str(ROOT / "live.py"), "--ckpt", files / "run", "--in",
+                                             files / "solo.mid", "--takeover", 1.0, "--out", "-", "--device", "cpu",
+                                             "--threads", "1"], env=ENV, cwd=ROOT)
+    assert "due" in json.loads(line) and code == 1 and "Traceback" not in err and "Exception" not in err
+    assert err.strip().splitlines()[-1].startswith("live.py: error: the output stopped taking messages")
 
 @torch.no_grad()
 def test_on_step_sees_each_rows_own_new_token():

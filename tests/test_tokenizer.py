@@ -546,3 +546,21 @@ def test_cli_readable_json_and_errors(tmp_path):
     r = run("--json", good)
     assert r.returncode == 0 and T.DIM_ID in json.loads(r.stdout)["ids"]
 
+
+
+def first_line_then_close(cmd, **kw):
+    """Run cmd with stdout piped, read one line and close the pipe (what `| head -1` does);
+    -> (first line, exit code, stderr)."""
+    p = subprocess.Popen(list(map(str, cmd)), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kw)
+    line = p.stdout.readline()
+    p.stdout.close()
+    err = p.stderr.read()
+    return line, p.wait(timeout=120), err
+
+
+def test_cli_reader_that_leaves_early_is_no_traceback(tmp_path):
+    good = tmp_path / "good.mid"
+    good.write_bytes(to_bytes(random_midi(0)))
+    line, code, err = first_line_then_close([sys.executable, str(ROOT / "tokenizer.py"), "--json", *[good] * 200])
+    assert json.loads(line)["file"] == str(good)
+    assert code == 1 and err == ""  # nothing on stderr: no traceback, no "Exception ignored" at exit
