@@ -152,12 +152,7 @@ class Block(nn.Module):
         else:  # attend over the filled cache: causal for a prefill from 0, no mask for one aligned token
             k, v = self.kv_cache.update(pos, k, v, kv_len)  # (B, H, kv_len, Dh)
             causal = isinstance(pos, int) and pos == 0 and T > 1
-            if T == 1 and x.device.type == "cpu":  # one query: two matmuls read the cache at up to 2x
-                a = (q.to(k.dtype) @ k.transpose(-1, -2)) * self.head_dim ** -0.5  # the speed of SDPA's CPU kernel
-                y = (a if mask is None else a.masked_fill(~mask, float("-inf"))).softmax(-1) @ v
-            else:
-                y = F.scaled_dot_product_attention(q.to(k.dtype), k, v, attn_mask=mask, is_causal=causal)
-            y = y.to(x.dtype)
+            y = F.scaled_dot_product_attention(q.to(k.dtype), k, v, attn_mask=mask, is_causal=causal).to(x.dtype)
         return self.att_proj_linear(y.transpose(1, 2).reshape(B, T, C))
 
     def forward(self, x, cos, sin, pos=None, kv_len=None, mask=None):

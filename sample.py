@@ -493,7 +493,7 @@ def add_model_args(ap):
                     help="weights and KV cache; auto: bfloat16 on CUDA, float32 elsewhere")
     ap.add_argument("--quantize", default="none", choices=["none", "int8", "int4"],
                     help="weights of the blocks and LM head at load: int8 per output channel, int4 in groups; "
-                         "CPU: 4-7x faster decoding (README, Performance); elsewhere dequantized in the matmul")
+                         "CPU: about 4x faster decoding (README, Performance); elsewhere dequantized in the matmul")
     ap.add_argument("--group_size", type=int, default=64, help="int4: inputs per scale and offset")
     ap.add_argument("--threads", type=int, default=0,
                     help="torch CPU threads; 0 = torch's default (on a busy 2-core machine 1 is often faster)")
