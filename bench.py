@@ -124,17 +124,10 @@ def bench_prompt(args, T):
         ids, name = T.tokenize(str(path), dim=False, eos=False), path.name
     else:
         notes = [(i * 120, i * 120 + 400, 48 + (i * 7) % 36, 40 + (i * 13) % 80, 0) for i in range(args.prompt_len)]
-        ids, name = T.tokenize(T.load_midi(_midi_bytes(T.notes_to_midi(notes, {0: 0}))), dim=False, eos=False), "made-up notes"
+        ids, name = T.tokenize(T.load_midi(T.notes_to_midi(notes, {0: 0})), dim=False, eos=False), "made-up notes"
     if len(ids) < args.prompt_len:
         sys.exit(f"bench.py: {name} has {len(ids)} tokens, fewer than --prompt_len {args.prompt_len}")
     return ids[:args.prompt_len], name
-
-
-def _midi_bytes(midi):
-    import io
-    f = io.BytesIO()
-    midi.save(file=f)
-    return f.getvalue()
 
 
 def bench_sample(args):

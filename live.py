@@ -28,7 +28,6 @@ notes, late, stuck (notes left on), shift_s (how far lateness moved the timeline
 """
 import argparse
 import heapq
-import io
 import json
 import queue
 import sys
@@ -367,9 +366,7 @@ class Performance:
             ms = lambda t: round(t - t0)  # noqa: E731  (ticks are integers: 1 tick = 1 ms)
             midi = T.notes_to_midi([(ms(s), ms(max(e, s + 10)), p, v, 0) for s, e, p, v in notes], {0: 0},
                                    [(ms(t), on) for t, on in self.pedals if t0 <= t < now_ms])
-            f = io.BytesIO()
-            midi.save(file=f)
-            ids = T.tokenize(T.load_midi(f.getvalue()), dim=False, eos=False, keep_silence=True, pedal=self.pedal_mode)
+            ids = T.tokenize(T.load_midi(midi), dim=False, eos=False, keep_silence=True, pedal=self.pedal_mode)
             if len(ids) <= context or len(notes) < 8:
                 self.origin = t0
                 return ids

@@ -330,7 +330,7 @@ def generate(model, prompt_ids, n_variations=1, length=2048, temp=0.98, min_p=0.
     emb = model.model.tok_embeddings.weight  # never quantized: its dtype is the model's
     device = torch.empty(0, device=device if device is not None else emb.device).device
     model = model.to(device)
-    dtype = model.model.tok_embeddings.weight.dtype
+    dtype = emb.dtype
     P = max(len(p) for p in rows)
     length = min(length, model.config.max_seq_len - P)
     if length < 1:
@@ -354,14 +354,14 @@ def generate(model, prompt_ids, n_variations=1, length=2048, temp=0.98, min_p=0.
     # KV_BUCKET slots, so shapes stay static for a whole bucket: one graph per bucket.
     exact = len({len(p) for p in rows}) == 1 and not cuda_graph and not compile
     bucket = 1 if not (cuda_graph or compile) else KV_BUCKET
+    read_len = lambda i: min(P + length, -(-(P + i) // bucket) * bucket)  # noqa: E731  (slots step i reads)
 
     def step(i):
         """Token i of every row (<P> past <E>), in place on the buffers above: no host sync, no
         branch on a tensor's value (the `if`s test Python settings), so one CUDA graph can record it
         and replay it for every i of its bucket."""
         prev = pos[:, None] - 1  # (B, 1)
-        kv_len = min(P + length, -(-(P + i) // bucket) * bucket)
-        logits = forward(model, seq.gather(1, prev), P - 1 + i if exact else prev, None if exact else kv_len)  # (B, V)
+        logits = forward(model, seq.gather(1, prev), P - 1 + i if exact else prev, None if exact else read_len(i))  # (B, V)
         if grammar:
             logits = logits + g.bias()
         tok = pick(logits, temp, top_k, top_p, min_p, gen)  # (B,)
@@ -384,10 +384,9 @@ def generate(model, prompt_ids, n_variations=1, length=2048, temp=0.98, min_p=0.
     def run(i):
         if not cuda_graph:
             return step(i)
-        kv_len = min(P + length, -(-(P + i) // bucket) * bucket)
-        if kv_len in graphs:
-            return graphs[kv_len]()
-        graphs[kv_len] = _capture(lambda: step(i), gen, device)  # also makes token i
+        if read_len(i) in graphs:
+            return graphs[read_len(i)]()
+        graphs[read_len(i)] = _capture(lambda: step(i), gen, device)  # also makes token i
 
     if prefilled and (B > 1 or prefilled >= P):
         raise ValueError(f"prefilled={prefilled}: needs one row, and fewer than its {P} prompt tokens")
