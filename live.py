@@ -27,7 +27,6 @@ rest included), first_note_ready_s (takeover -> that note decoded and scheduled:
 notes, late, stuck (notes left on), shift_s (how far lateness moved the timeline).
 """
 import argparse
-import heapq
 import json
 import queue
 import sys
@@ -38,46 +37,12 @@ from pathlib import Path
 import mido
 import torch
 
+import player as P
 import sample as S
 import tokenizer as T
 
-LATE_MS = 50             # a note sent later than this after its time counts as late
 FIRST_NOTE_SLACK_MS = 200  # Aria's first onset: no earlier than this before the takeover (official demo)
 PREFILL_CHUNK = 32       # tokens per prefill while listening (official demo: 16): a takeover waits for one at most
-
-
-class LiveError(Exception):
-    """One line for the user: a missing backend, an unknown port, a vanished port."""
-
-
-# -----------------------------------------------------------------------------
-# MIDI in and out
-
-
-def port_names(kind):
-    try:
-        return mido.get_input_names() if kind == "input" else mido.get_output_names()
-    except ImportError:
-        raise LiveError("MIDI ports need a backend: pip install python-rtmidi") from None
-
-
-def open_port(name, kind):
-    names = port_names(kind)
-    if name not in names:
-        raise LiveError(f"no MIDI {kind} named {name!r}; {kind}s: {', '.join(map(repr, names)) or 'none'}")
-    return mido.open_input(name) if kind == "input" else mido.open_output(name)
-
-
-class JsonOut:
-    """`--out -`: one JSON line per message: who played it (aria or pianist), its due and actual
-    send time (s since the start)."""
-
-    def __init__(self, stream=None):
-        self.stream = stream or sys.stdout
-
-    def send(self, msg, due=None, sent=None, who=None):
-        self.stream.write(json.dumps({**msg.dict(), "who": who, "due": due, "sent": sent}) + "\n")
-        self.stream.flush()
 
 
 class FileHuman:
@@ -92,7 +57,7 @@ class FileHuman:
                 if not msg.is_meta and (until is None or t < until):
                     events.append((t, msg))
         except (OSError, EOFError, ValueError, KeyError, IndexError) as e:
-            raise LiveError(f"{path}: not a readable MIDI file ({type(e).__name__}: {e})") from None
+            raise P.LiveError(f"{path}: not a readable MIDI file ({type(e).__name__}: {e})") from None
         if until is not None:  # the pianist stops at `until`: keys up, pedal up
             held = {}
             for _, m in events:
@@ -121,208 +86,6 @@ class FileHuman:
     def close(self):
         pass
 
-
-# -----------------------------------------------------------------------------
-# The player: timed messages on the output from a scheduler thread
-
-
-class Clock:
-    def __init__(self):
-        self.start = time.perf_counter()
-
-    def ms(self, wall=None):
-        return ((wall or time.perf_counter()) - self.start) * 1000
-
-
-class Player:
-    """Aria's notes on the output at their wall-clock times (clock.start + ms / 1000 + shift). Note-
-    offs follow their note-on by the note's duration; a pitch struck again while sounding is
-    released first. The pianist's notes (file mode, --echo) go out at once. Thread-safe."""
-
-    def __init__(self, out, clock):
-        self.out, self.clock, self.shift = out, clock, 0.0
-        self.heap, self.seq, self.cv = [], 0, threading.Condition()
-        self.sounding = {}  # (channel, pitch) -> wall time its latest note-on was sent (Aria's notes)
-        self.pedal = set()  # channels where Aria holds the pedal
-        self.human = set()  # (channel, pitch) the pianist's notes echoed and not yet released
-        self.keys = {}  # (channel, pitch) -> on, for every note message that reached the output
-        self.stats = dict(notes=0, late=0, first_sent=None, first_ready=None, last_start=0.0)
-        self.error, self.closed = None, False
-        self.thread = threading.Thread(target=self._run, daemon=True)
-        self.thread.start()
-
-    def _send(self, msg, due, who="aria"):
-        sent = time.perf_counter()
-        try:
-            if isinstance(self.out, JsonOut):
-                self.out.send(msg, round(due - self.clock.start, 4), round(sent - self.clock.start, 4), who)
-            else:
-                self.out.send(msg)
-        except Exception as e:  # a vanished port, a closed pipe
-            self.error = self.error or f"the output stopped taking messages ({type(e).__name__}: {e})"
-            return sent
-        if msg.type in ("note_on", "note_off"):
-            self.keys[msg.channel, msg.note] = msg.type == "note_on" and msg.velocity > 0
-        return sent
-
-    def note(self, start_ms, end_ms, pitch, velocity, channel=0):
-        """Schedule one of Aria's notes (music ms); late: start now, move the timeline."""
-        with self.cv:
-            now = time.perf_counter()
-            due = asked = self.clock.start + start_ms / 1000 + self.shift
-            if due < now - LATE_MS / 1000:  # late: the timeline moves (a chord's last notes, a few ms behind, do not)
-                self.shift += now - due
-            due = max(due, now)
-            self.stats["last_start"] = max(self.stats["last_start"], due)
-            self.stats["first_ready"] = self.stats["first_ready"] or now
-            self._push(due, ("on", channel, pitch, velocity, (end_ms - start_ms) / 1000, asked))
-            self.cv.notify()
-
-    def pedal_change(self, ms, on, channel=0):
-        with self.cv:
-            self._push(max(time.perf_counter(), self.clock.start + ms / 1000 + self.shift),
-                       ("cc", channel, 64, 127 if on else 0))
-            self.cv.notify()
-
-    def echo(self, msg):
-        """A message of the pianist, out now (file mode or --echo)."""
-        with self.cv:
-            if msg.type in ("note_on", "note_off"):
-                key = (msg.channel, msg.note)
-                (self.human.add if msg.type == "note_on" and msg.velocity else self.human.discard)(key)
-            self._send(msg, time.perf_counter(), "pianist")
-
-    def _push(self, due, item):
-        heapq.heappush(self.heap, (due, self.seq, item))
-        self.seq += 1
-
-    def _run(self):
-        with self.cv:
-            while not self.closed:
-                now = time.perf_counter()
-                if not self.heap or self.heap[0][0] > now:
-                    self.cv.wait(None if not self.heap else self.heap[0][0] - now)
-                    continue
-                due, _, item = heapq.heappop(self.heap)
-                self._play(due, item)
-
-    def _play(self, due, item):
-        kind, ch, a, b = item[:4]
-        if kind == "on":
-            if (ch, a) in self.sounding:  # struck again while sounding: release it first
-                self._send(mido.Message("note_off", channel=ch, note=a), due)
-            sent = self._send(mido.Message("note_on", channel=ch, note=a, velocity=b), due)
-            self.sounding[ch, a] = sent
-            self.stats["notes"] += 1
-            self.stats["first_sent"] = self.stats["first_sent"] or sent
-            self.stats["late"] += (sent - item[5]) * 1000 > LATE_MS
-            self._push(sent + item[4], ("off", ch, a, sent))
-        elif kind == "off":
-            if self.sounding.get((ch, a)) == b:  # not re-struck since
-                del self.sounding[ch, a]
-                self._send(mido.Message("note_off", channel=ch, note=a), due)
-        else:
-            (self.pedal.add if b else self.pedal.discard)(ch)
-            self._send(mido.Message("control_change", channel=ch, control=a, value=b), due)
-
-    def busy(self):
-        """Aria still has notes to start or release."""
-        with self.cv:
-            return bool(self.heap or self.sounding)
-
-    def silence(self):
-        """Stop Aria now: nothing more queued, every note of hers released, her pedal lifted."""
-        with self.cv:
-            self.heap.clear()
-            now = time.perf_counter()
-            for ch, pitch in list(self.sounding):
-                self._send(mido.Message("note_off", channel=ch, note=pitch), now)
-            for ch in self.pedal:
-                self._send(mido.Message("control_change", channel=ch, control=64, value=0), now)
-            self.sounding.clear()
-            self.pedal.clear()
-
-    def close(self):
-        """Silence everything: Aria's notes, any echoed note still held, the pedal on every channel
-        used; -> stuck: the notes the output was left holding (its note-ons without a note-off)."""
-        self.silence()
-        with self.cv:
-            now = time.perf_counter()
-            for ch, pitch in list(self.human):
-                self._send(mido.Message("note_off", channel=ch, note=pitch), now, "pianist")
-            for ch in sorted({ch for ch, _ in self.keys} | {0}):
-                self._send(mido.Message("control_change", channel=ch, control=64, value=0), now)
-            self.closed = True
-            self.cv.notify()
-        return sum(self.keys.values())
-
-
-class NoteStream:
-    """One row's notes and pedal changes as its tokens arrive (sample.py --stream/--port, the duet):
-    feed(token) -> (notes, pedal changes) the token completes, as detokenize_notes gives them for
-    the whole row: (start_ms, end_ms, pitch, velocity, channel) and (ms, on)."""
-
-    def __init__(self, prompt):
-        bos = prompt.index(T.BOS_ID)
-        self.head, self.event = prompt[:bos + 1], []  # the prefix names the channels
-        self.base = T.SEGMENT_MS * prompt[bos + 1:].count(T.SEG_ID)
-
-    def feed(self, tok):
-        cls = T.TOKEN_CLASS[tok] if tok < len(T.TOKEN_CLASS) else T.SPECIAL
-        if tok == T.SEG_ID:
-            self.base += T.SEGMENT_MS
-        if cls in (T.NOTE, T.DRUM, T.PEDAL):
-            self.event = [tok]
-        elif cls in (T.ONSET, T.DUR) and self.event:
-            self.event.append(tok)
-            if cls == T.DUR or T.TOKEN_CLASS[self.event[0]] != T.NOTE:
-                notes, _, changes = T.detokenize_notes(self.head + self.event, pedals=True)
-                self.event = []
-                return ([(s + self.base, e + self.base, *n) for s, e, *n in notes],
-                        [(t + self.base, on) for t, on in changes])
-        else:
-            self.event = []
-        return [], []
-
-
-def stream_notes(prompt, rows, json_lines=False, port=None, vocab_size=T.VOCAB_SIZE):
-    """sample.py --stream / --port: an on_step for sample.generate that prints every row's notes
-    and pedal changes as JSON lines the moment they are decoded, and plays the first row on a MIDI
-    output in real time, the prompt's last onset at the first new token; -> (on_step, finish),
-    finish() waits for the last notes, releases everything and returns an error or None."""
-    streams = [NoteStream(prompt) for _ in range(rows)]
-    player = Player(open_port(port, "output"), Clock()) if port else None
-    _, _, last, segments, _ = S.prompt_info(prompt, vocab_size)
-    origin = -(segments * T.SEGMENT_MS + (last - T.ONSET_START) * T.TIME_STEP_MS)
-
-    def on_step(i, toks):
-        if player and i == 0:  # the music starts with the first new token, not before the prefill
-            player.clock.start = time.perf_counter()
-        for row, (stream, tok) in enumerate(zip(streams, toks), 1):
-            notes, changes = stream.feed(tok)
-            for n in notes:
-                if json_lines:
-                    print(json.dumps(dict(row=row, start_ms=n[0], end_ms=n[1], pitch=n[2], velocity=n[3],
-                                          channel=n[4])), flush=True)
-                if player and row == 1:
-                    player.note(n[0] + origin, n[1] + origin, *n[2:])
-            for t, on in changes:
-                if json_lines:
-                    print(json.dumps(dict(row=row, pedal_ms=t, on=on)), flush=True)
-                if player and row == 1:
-                    player.pedal_change(t + origin, on)
-        return bool(player and player.error)
-
-    def finish():
-        if player is None:
-            return None
-        while player.busy() and not player.error:
-            time.sleep(0.01)
-        stuck = player.close()
-        print(f"played {player.stats['notes']} notes on {port}: {player.stats['late']} late "
-              f"(timeline moved {player.shift:.2f} s), {stuck} stuck", file=sys.stderr if json_lines else sys.stdout)
-        return player.error
-    return on_step, finish
 
 
 # -----------------------------------------------------------------------------
@@ -448,7 +211,7 @@ class Duet:
         ids += [T.SEG_ID] * max(0, floor // T.SEGMENT_MS - ids[body:].count(T.SEG_ID))
         same_segment = ids[body:].count(T.SEG_ID) == floor // T.SEGMENT_MS
         self.prefill(ids)  # the cache now holds ids[:-1]
-        stream, origin, interrupted = NoteStream(ids), perf.origin, []
+        stream, origin, interrupted = P.NoteStream(ids), perf.origin, []
         length = min(a.length, self.model.model.encode_layers[0].kv_cache.k.shape[2] - len(ids))
 
         def on_step(i, toks):
@@ -467,11 +230,11 @@ class Duet:
                     return False
                 time.sleep(0.002)
 
-        row = S.generate(self.model, ids, 1, length, a.temp, a.min_p, a.top_p, a.top_k, a.seed + self.turns,
-                         a.end, self.device, grammar=not a.no_grammar, seconds=a.seconds, on_step=on_step,
-                         prefilled=len(ids) - 1, min_onset_ms=floor % T.SEGMENT_MS if same_segment else 0,
-                         compile=a.compile and self.device.type == "cuda",
-                         cuda_graph=a.cuda_graph and self.device.type == "cuda")[0]
+        sampling = S.sampling_from_args(a, seed=a.seed + self.turns,
+                                        min_onset_ms=floor % T.SEGMENT_MS if same_segment else 0)
+        gpu = self.device.type == "cuda"
+        row = S.generate(self.model, ids, 1, length, sampling, device=self.device, on_step=on_step,
+                         prefilled=len(ids) - 1, compile=a.compile and gpu, cuda_graph=a.cuda_graph and gpu)[0]
         self.cached = row[:-1]
         while not interrupted and self.player.busy():  # let the last notes ring, still listening
             if self.poll()[0] or self.player.error:
@@ -541,26 +304,26 @@ def build_parser():
 def main(argv=None):
     a = build_parser().parse_args(argv)
     if a.list:
-        print("inputs: " + ", ".join(map(repr, port_names("input"))))
-        print("outputs: " + ", ".join(map(repr, port_names("output"))))
+        print("inputs: " + ", ".join(map(repr, P.port_names("input"))))
+        print("outputs: " + ", ".join(map(repr, P.port_names("output"))))
         return 0
     if a.inp is None:
         raise S.Fail("--in: a MIDI input port or a .mid file (python live.py --list names the ports)")
     if a.threads:
         torch.set_num_threads(a.threads)
     file_mode = Path(a.inp).suffix.lower() in (".mid", ".midi")
-    human = FileHuman(a.inp, a.takeover) if file_mode else open_port(a.inp, "input")  # before the model: fail fast
-    out = JsonOut() if a.out == "-" else open_port(a.out, "output")
+    human = FileHuman(a.inp, a.takeover) if file_mode else P.open_port(a.inp, "input")  # before the model: fail fast
+    out = P.JsonOut() if a.out == "-" else P.open_port(a.out, "output")
     a.echo = a.echo or file_mode
     device = S.pick_device(a.device)
     model, path = S.load_lm(a, device, S.pick_dtype(a.dtype, device))
     log = (lambda msg: print(msg, file=sys.stderr, flush=True)) if a.out == "-" else print
     log(f"model: {path}, {model.num_params() / 1e6:.1f}M parameters, {device}, "
         f"{(getattr(model, 'quantized', None) or {'mode': 'float'})['mode']} weights{', pedal' if model.pedal else ''}")
-    clock = Clock()
+    clock = P.Clock()
     if file_mode:
         human.start(clock)
-    player = Player(out, clock)
+    player = P.Player(out, clock)
     duet = Duet(a, model, human, player, clock, log)
     error = None
     try:
@@ -581,14 +344,14 @@ def main(argv=None):
     elif a.out != "-":
         print(f"{summary['notes']} notes in {duet.turns} turns, {summary['late']} late, {stuck} stuck")
     if error or player.error:
-        raise LiveError(error or player.error)
+        raise P.LiveError(error or player.error)
     return 0
 
 
 if __name__ == "__main__":
     try:
         sys.exit(main())
-    except (S.Fail, LiveError) as e:
+    except (S.Fail, P.LiveError) as e:
         S.quiet_stdout() if "BrokenPipe" in str(e) else None  # --out -'s reader left (`| head`)
         print(f"live.py: error: {e}", file=sys.stderr)
         sys.exit(1)

@@ -34,11 +34,13 @@ import os
 import sys
 import time
 import warnings
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
 
 import model as M
+import player as P
 import quantize as Q
 import tokenizer as T
 
@@ -46,6 +48,11 @@ DEFAULT_CKPT = "out/pretrain"   # where the README quick start `python pretrain.
 FORCE_END_WINDOW = 130          # SPEC §D.3 force_end: the last 130 positions
 CHECK_DONE_EVERY = 64           # steps between "all rows finished?" checks (a host sync)
 KV_BUCKET = 256                 # cache slots read per step rounded up to this under CUDA graphs / compile
+# --seconds with --end: <D> comes END_CUE_TOKENS before the end, at the row's own ms per token so
+# far, from a prior of PRIOR_TOKENS tokens at PRIOR_MS_PER_TOKEN (30 tokens/s) while it has few
+END_CUE_TOKENS = 100            # as the generative finetune placed <D> (paper §3.2)
+PRIOR_TOKENS = 50
+PRIOR_MS_PER_TOKEN = 33
 
 # -----------------------------------------------------------------------------
 # The token grammar. A body (after `prefix <S>`) is  (event | <T> | <D>)* <E>  with
@@ -138,7 +145,7 @@ class Grammar:
     vocabulary. advance() is a table lookup. time_ms() is each row's music time: the onset of
     its last event. min_onset_ms (live.py): no new onset before this time in the last segment."""
 
-    def __init__(self, prompts, device="cpu", eos=True, min_onset_ms=0, V=T.VOCAB_SIZE):
+    def __init__(self, prompts, device="cpu", eos=True, dim=True, min_onset_ms=0, V=T.VOCAB_SIZE):
         allowed, nxt = _tables(V)
         inf = float("-inf")
         info = [prompt_info(p, V) for p in prompts]  # (instruments, state, last onset, segments, pedal) per row
@@ -151,6 +158,7 @@ class Grammar:
             if "drum" not in instruments:
                 row_ok[b, T.DRUM_START:T.DUR_START] = False
         row_ok[:, T.EOS_ID] = eos
+        row_ok[:, T.DIM_ID] = dim
         ok = allowed & row_ok[:, None]  # (B, N_STATES, V)
         self.table = torch.zeros(ok.shape).masked_fill_(~ok, inf).flatten(0, 1).to(device)  # (B * N_STATES, V)
         k = torch.arange(T.VOCAB_SIZE - T.ONSET_START)  # the onsets: the default vocabulary's last ids
@@ -194,7 +202,25 @@ class Grammar:
 
 
 # -----------------------------------------------------------------------------
-# Sampling
+# Sampling: how one token is drawn from the logits
+
+
+@dataclass
+class Sampling:
+    """How tokens are drawn and where a row ends. sample.py and live.py build one from their
+    options (add_sampling_args, each script with its own defaults); generate takes one, or its
+    fields as keywords."""
+    temp: float = 0.98            # official default; 0 = greedy
+    min_p: float = 0.035          # official default: drop tokens below min_p x the most likely one
+    top_p: float | None = None    # None or 1 = off
+    top_k: int = 0                # 0 = off
+    seed: int = 0                 # seeds a torch.Generator on the device: same seed, same tokens
+    end: bool = False             # force_end: <D> in a row's last FORCE_END_WINDOW positions
+    seconds: float | None = None  # music to add: <E> after the first event this long after the prompt
+    grammar: bool = True          # only tokens that can legally come next (Grammar); False = official
+    eos: bool = True              # False: <E> is never sampled (a forced end still comes)
+    dim: bool = True              # False: <D> is never sampled (force_end still places it)
+    min_onset_ms: int = 0         # no new onset before this in the prompt's last segment (live.py)
 
 
 def pick(logits, temp, top_k=0, top_p=None, min_p=0.0, generator=None):
@@ -226,6 +252,172 @@ def pick(logits, temp, top_k=0, top_p=None, min_p=0.0, generator=None):
     return torch.where(e.gather(1, tok) > 0, tok, best.indices)[:, 0]
 
 
+# -----------------------------------------------------------------------------
+# Decoding, in gpt-fast's shape: prefill, one decode step, the loop (generate)
+
+
+class Decoder:
+    """B rows continued together, every buffer on the device: seq (B, P + length) holds each
+    prompt then its new tokens, pos (B,) where each row's next token goes, the grammar state and
+    the seeded generator. step(i) makes token i of every row with no host sync and no branch on
+    a tensor's value, so one CUDA graph can record it and replay it (the last section)."""
+
+    def __init__(self, model, rows, length, s: Sampling, device, forward, bucket):
+        P = max(len(r) for r in rows)
+        self.model, self.s, self.forward, self.P, self.length = model, s, forward, P, length
+        self.g = Grammar(rows, device, eos=s.eos, dim=s.dim, min_onset_ms=s.min_onset_ms,
+                         V=model.config.vocab_size)  # checks the prompts: `prefix <S> body`
+        self.t_prompt = self.g.time_ms()  # (B,) each row's last prompt onset
+        self.until = None if s.seconds is None else self.t_prompt + round(s.seconds * 1000)
+        self.gen = torch.Generator(device=device).manual_seed(s.seed)
+        self.seq = torch.tensor([r + [T.PAD_ID] * (P + length - len(r)) for r in rows], device=device)
+        self.n = torch.tensor([len(r) for r in rows], device=device)  # (B,) prompt lengths
+        self.pos = self.n.clone()  # the step feeds the token before pos
+        self.end_from = self.n + length - FORCE_END_WINDOW  # (B,) first position of the force_end window
+        # Attention reads only the filled cache. Eager decoding of rows at one position passes that
+        # position as an int: exact length, no mask. Otherwise (rows at different positions, a CUDA
+        # graph, torch.compile) positions are a tensor and the read length is rounded up to `bucket`
+        # slots, so shapes stay static for a whole bucket: one graph per bucket.
+        self.exact = len({len(r) for r in rows}) == 1 and bucket == 1
+        self.bucket = bucket
+
+    def prefill(self, start=0):
+        """The prompts but their last tokens into the KV cache, causal from `start` (the cache
+        already holds the tokens before it): the first step feeds the last one."""
+        if start < self.P - 1:
+            self.model(self.seq[:, start:self.P - 1], input_pos=start, out_pos=torch.zeros_like(self.n))
+
+    def read_len(self, i):
+        """Cache slots step i reads."""
+        return min(self.P + self.length, -(-(self.P + i) // self.bucket) * self.bucket)
+
+    def step(self, i):
+        """Token i of every row (<P> past <E>), in place on the buffers."""
+        s, g, pos = self.s, self.g, self.pos
+        prev = pos[:, None] - 1  # (B, 1)
+        if self.exact:
+            logits = self.forward(self.model, self.seq.gather(1, prev), self.P - 1 + i, None)  # (B, V)
+        else:
+            logits = self.forward(self.model, self.seq.gather(1, prev), prev, self.read_len(i))
+        if s.grammar:
+            logits = logits + g.bias()
+        tok = pick(logits, s.temp, s.top_k, s.top_p, s.min_p, self.gen)  # (B,)
+        boundary = (tok < T.DUR_START) | (tok >= T.PED_ON_ID)  # not a dur/onset: an event starts (or a special)
+        if s.end:  # official rule: the first token at an event boundary, in the last 130 positions
+            late = pos >= self.end_from
+            if self.until is not None:  # or END_CUE_TOKENS before `until`, at the row's own ms per token
+                so_far = g.time_ms() - self.t_prompt + PRIOR_TOKENS * PRIOR_MS_PER_TOKEN
+                ms_per_token = so_far // (pos - self.n + PRIOR_TOKENS)
+                late = late | (g.time_ms() >= self.until - END_CUE_TOKENS * ms_per_token)
+            tok = torch.where(boundary & ~g.dim_used & late, T.DIM_ID, tok)
+        if self.until is not None:  # <E> after the first event that starts at `until`
+            tok = torch.where(boundary & (g.state % DIM_USED == EVENT) & (g.time_ms() >= self.until), T.EOS_ID, tok)
+        tok = torch.where(g.done, T.PAD_ID, tok)
+        self.seq.scatter_(1, pos[:, None], tok[:, None])
+        g.advance(tok)
+        pos.add_(1)
+
+
+@torch.no_grad()
+def generate(model, prompts, n_variations=1, length=2048, sampling=None, *, device=None, stats=None,
+             progress=None, on_step=None, prefilled=0, compile=False, cuda_graph=False, **sampling_kwargs):
+    """Continue prompts; -> one full token list per row (prompt + new tokens, cut after <E>).
+
+    prompts:      one prompt (ids, `prefix <S> body`, no <E>) or several (lists of ids, a 2-D tensor),
+                  each sampled n_variations times, all rows as one batch
+    length:       new tokens at most, capped by the model's max_seq_len minus the longest prompt
+    sampling:     a Sampling; its fields may also come as keywords (temp=0, seed=3, end=True ...)
+    device:       where to run (the model is moved there); default: where the model is
+    stats:        a dict to fill with timings and counts
+    progress:     called as progress(steps_done, length) at most every 10 s
+    on_step:      called as on_step(i, tokens) with each step's new token per row (a host read per
+                  step: streaming, live.py); returning True stops
+    prefilled:    the KV cache already holds the first `prefilled` tokens of the (one) prompt
+    compile, cuda_graph: torch.compile the model call, record the step as CUDA graphs (_forward_fn, _capture)
+    """
+    s = replace(sampling or Sampling(), **sampling_kwargs)
+    ids = [p.tolist() if hasattr(p, "tolist") else p for p in prompts]  # rows of tensors, numpy arrays
+    prompts = ids if ids and isinstance(ids[0], (list, tuple)) else [ids]
+    rows = [[int(i) for i in p] for p in prompts for _ in range(n_variations)]
+    if n_variations < 1 or not all(rows):
+        raise ValueError("need n_variations >= 1 and non-empty prompts")
+    V = model.config.vocab_size
+    if V not in (T.VOCAB_SIZE, T.PEDAL_VOCAB_SIZE):
+        raise ValueError(f"model vocabulary {V}: the tokenizer has {T.VOCAB_SIZE} "
+                         f"(or {T.PEDAL_VOCAB_SIZE} with the pedal)")
+    if getattr(model, "lm_head", None) is None:
+        raise ValueError(f"the model has no LM head (heads: {model.heads})")
+    emb = model.model.tok_embeddings.weight  # never quantized: its dtype is the model's
+    device = torch.empty(0, device=device if device is not None else emb.device).device
+    model = model.to(device)
+    B, P = len(rows), max(len(p) for p in rows)
+    length = min(length, model.config.max_seq_len - P)
+    if length < 1:
+        raise ValueError(f"prompt of {P} tokens leaves no room in the model's context "
+                         f"({model.config.max_seq_len} tokens)")
+    if prefilled and (B > 1 or prefilled >= P):
+        raise ValueError(f"prefilled={prefilled}: needs one row, and fewer than its {P} prompt tokens")
+    _sync(device)
+    t0 = time.perf_counter()
+    forward = _forward_fn(compile, cuda_graph, device)
+    dec = Decoder(model, rows, length, s, device, forward, KV_BUCKET if cuda_graph or compile else 1)
+    _ensure_cache(model, B, P + length, emb.dtype, device, keep=prefilled > 0)
+    dec.prefill(prefilled)
+    _sync(device)
+    t1 = time.perf_counter()
+    run = _graphed(dec, device) if cuda_graph else dec.step
+    new = torch.arange(B, device=device)  # (B,) row index: seq[new, pos - 1] is each row's newest token
+    run(0)
+    stop = on_step is not None and on_step(0, dec.seq[new, dec.pos - 1].tolist())
+    _sync(device)
+    t_first = t_shown = time.perf_counter()
+    steps = 1
+    while steps < length and not stop:
+        if steps % CHECK_DONE_EVERY == 0 or on_step is not None:
+            if bool(dec.g.done.all()):  # the one host sync of the loop
+                break
+            if progress is not None and time.perf_counter() - t_shown > 10:
+                t_shown = time.perf_counter()
+                progress(steps, length)
+        run(steps)
+        if on_step is not None:
+            stop = on_step(steps, dec.seq[new, dec.pos - 1].tolist())
+        steps += 1
+    out = dec.seq.tolist()  # the one big copy to the host
+    t2 = time.perf_counter()
+
+    results = [r[:len(p) + steps] for r, p in zip(out, rows)]
+    results = [r[:r.index(T.EOS_ID) + 1] if T.EOS_ID in r else r for r in results]
+    if stats is not None:
+        n_new = sum(len(r) - len(p) for r, p in zip(results, rows))
+        stats.update(prefill_s=t1 - t0, first_token_s=t_first - t0, decode_s=t2 - t1, steps=steps,
+                     step_s=(t2 - t_first) / max(steps - 1, 1), new_tokens=n_new, tokens_per_s=n_new / (t2 - t0),
+                     decode_tokens_per_s=B * steps / (t2 - t1), device=str(device),
+                     dtype=str(emb.dtype).replace("torch.", ""))
+    return results
+
+
+def _ensure_cache(model, batch, length, dtype, device, keep=False):
+    # reuse KV buffers that fit (compiled code keeps pointing at them; a longer cache may hold a
+    # prefill, `keep`); attention reads only the filled slots, stale ones are overwritten first
+    kv = model.model.encode_layers[0].kv_cache
+    fits = kv is not None and (kv.k.shape[0], kv.k.dtype, kv.k.device) == (batch, dtype, device)
+    if fits and kv.k.shape[2] >= length:
+        return
+    if keep:
+        raise ValueError("prefilled: the model's KV cache does not hold that prefill (call setup_cache first)")
+    model.setup_cache(batch, length, dtype=dtype, device=device)
+
+
+def _sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+# -----------------------------------------------------------------------------
+# torch.compile and CUDA graphs: the same step, recorded or compiled (CUDA; same tokens as eager)
+
+
 def _forward(model, tok, pos, kv_len):
     return model(tok, input_pos=pos, kv_len=kv_len)[:, 0]  # (B, 1) ids at positions pos -> (B, V) logits
 
@@ -255,13 +447,24 @@ def _forward_fn(compile, cuda_graph, device):
     return marked
 
 
+def _graphed(dec, device):
+    """i -> dec.step(i), replayed from the CUDA graph of step i's read length (recorded the first
+    time that length comes up, which also makes token i)."""
+    graphs = {}
+
+    def run(i):
+        if dec.read_len(i) in graphs:
+            return graphs[dec.read_len(i)]()
+        graphs[dec.read_len(i)] = _capture(lambda: dec.step(i), dec.gen, device)
+    return run
+
+
 def _capture(step, gen, device):
     """Run `step` once on a side stream (PyTorch's recipe before a capture: lazy inits,
-    inductor's compile), which makes the first token, then record it as a CUDA graph and
-    return the replay; recording runs no kernels. The seeded generator is registered with
-    the graph, so each replay reads its seed and offset on the device and advances it as an
-    eager call would: graph and eager draw the same numbers (tests/test_cuda.py). A
-    counter-based noise would need no generator but costs more per step on CPU."""
+    inductor's compile), which makes the token, then record it as a CUDA graph and return the
+    replay; recording runs no kernels. The seeded generator is registered with the graph, so
+    each replay reads its seed and offset on the device and advances it as an eager call would:
+    graph and eager draw the same numbers (tests/test_cuda.py)."""
     side = torch.cuda.Stream(device)
     side.wait_stream(torch.cuda.current_stream(device))
     with torch.cuda.stream(side):
@@ -272,159 +475,6 @@ def _capture(step, gen, device):
     with torch.cuda.graph(graph):
         step()
     return graph.replay
-
-
-def _ensure_cache(model, batch, length, dtype, device, keep=False):
-    # reuse KV buffers that fit (compiled code keeps pointing at them; a longer cache may hold a
-    # prefill, `keep`); attention reads only the filled slots, stale ones are overwritten first
-    kv = model.model.encode_layers[0].kv_cache
-    if kv is not None and (kv.k.shape[0], kv.k.dtype, kv.k.device) == (batch, dtype, device) and kv.k.shape[2] >= length:
-        return
-    if keep:
-        raise ValueError("prefilled: the model's KV cache does not hold that prefill (call setup_cache first)")
-    model.setup_cache(batch, length, dtype=dtype, device=device)
-
-
-def _sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-@torch.no_grad()
-def generate(model, prompt_ids, n_variations=1, length=2048, temp=0.98, min_p=0.035, top_p=None,
-             top_k=0, seed=0, end=False, device=None, grammar=True, eos=True, compile=False,
-             cuda_graph=False, stats=None, progress=None, seconds=None, on_step=None, prefilled=0, min_onset_ms=0):
-    """Continue prompts; returns one full token list per row (prompt + new tokens,
-    cut after <E> when one was produced).
-
-    prompt_ids: one prompt (ids, `prefix <S> body`, no <E>) sampled n_variations
-                times, or several (lists of ids or a 2-D tensor; each n_variations times)
-    length:     new tokens at most, capped by the model's max_seq_len minus the prompt
-    temp:       0 = greedy; top_k 0 and top_p None/1.0 are off; min_p 0 is off
-    seed:       seeds a torch.Generator on the device (same seed, same output)
-    end:        force_end (SPEC §D.3): in each row's last 130 positions its first token
-                at an event boundary becomes <D> (if the row has no <D> yet)
-    grammar:    only tokens that can legally come next (see Grammar); False = official
-    eos:        False never samples <E> (fixed-length runs, benchmarks)
-    compile:    see _forward_fn; cuda_graph: see _capture (CUDA only, same tokens)
-    device:     where to run (the model is moved there); default: where the model is
-    stats:      a dict to fill with timings and counts
-    progress:   called as progress(steps_done, length) at most every 10 s
-    seconds:    music to add: a row ends (<E> after its first event starting this long after its
-                prompt's last onset); with `end`, <D> comes about 100 of the row's tokens earlier
-    on_step:    called as on_step(i, tokens) with each step's new token per row (a host read
-                per step: streaming, live.py); returning True stops
-    prefilled:  the KV cache already holds the first `prefilled` prompt tokens (one prompt;
-                live.py prefills while the pianist plays); min_onset_ms: see Grammar
-    """
-    ids = [p.tolist() if hasattr(p, "tolist") else p for p in prompt_ids]  # rows of tensors, numpy arrays
-    prompts = ids if ids and isinstance(ids[0], (list, tuple)) else [ids]
-    rows = [[int(i) for i in p] for p in prompts for _ in range(n_variations)]
-    B, V = len(rows), model.config.vocab_size
-    if n_variations < 1 or not all(rows):
-        raise ValueError("need n_variations >= 1 and non-empty prompts")
-    if V not in (T.VOCAB_SIZE, T.PEDAL_VOCAB_SIZE):
-        raise ValueError(f"model vocabulary {V}: the tokenizer has {T.VOCAB_SIZE} (or {T.PEDAL_VOCAB_SIZE} with the pedal)")
-    if getattr(model, "lm_head", None) is None:
-        raise ValueError(f"the model has no LM head (heads: {model.heads})")
-    emb = model.model.tok_embeddings.weight  # never quantized: its dtype is the model's
-    device = torch.empty(0, device=device if device is not None else emb.device).device
-    model = model.to(device)
-    dtype = emb.dtype
-    P = max(len(p) for p in rows)
-    length = min(length, model.config.max_seq_len - P)
-    if length < 1:
-        raise ValueError(f"prompt of {P} tokens leaves no room in the model's context "
-                         f"({model.config.max_seq_len} tokens)")
-    _sync(device)
-    t0 = time.perf_counter()
-    g = Grammar(rows, device, eos=eos, min_onset_ms=min_onset_ms, V=V)  # checks the prompts: `prefix <S> body`
-    t_prompt = g.time_ms()  # (B,) each row's last prompt onset
-    until = None if seconds is None else t_prompt + round(seconds * 1000)
-    gen = torch.Generator(device=device).manual_seed(seed)
-    seq = torch.tensor([p + [T.PAD_ID] * (P + length - len(p)) for p in rows], device=device)  # (B, L)
-    n = torch.tensor([len(p) for p in rows], device=device)  # (B,)
-    pos = n.clone()  # (B,) where each row's next token goes; the step feeds the token before it
-    end_from = n + length - FORCE_END_WINDOW  # (B,) first position of each row's force_end window
-    forward = _forward_fn(compile, cuda_graph, device)
-
-    # Attention reads the filled part of the cache only. Eager decoding of rows at one position
-    # passes it as an int: exact length, no mask. Otherwise (rows at different positions, a CUDA
-    # graph, torch.compile) each row's position is a tensor and the read length is rounded up to
-    # KV_BUCKET slots, so shapes stay static for a whole bucket: one graph per bucket.
-    exact = len({len(p) for p in rows}) == 1 and not cuda_graph and not compile
-    bucket = 1 if not (cuda_graph or compile) else KV_BUCKET
-    read_len = lambda i: min(P + length, -(-(P + i) // bucket) * bucket)  # noqa: E731  (slots step i reads)
-
-    def step(i):
-        """Token i of every row (<P> past <E>), in place on the buffers above: no host sync, no
-        branch on a tensor's value (the `if`s test Python settings), so one CUDA graph can record it
-        and replay it for every i of its bucket."""
-        prev = pos[:, None] - 1  # (B, 1)
-        logits = forward(model, seq.gather(1, prev), P - 1 + i if exact else prev, None if exact else read_len(i))  # (B, V)
-        if grammar:
-            logits = logits + g.bias()
-        tok = pick(logits, temp, top_k, top_p, min_p, gen)  # (B,)
-        boundary = (tok < T.DUR_START) | (tok >= T.PED_ON_ID)  # not a dur/onset: an event starts (or a special)
-        if end:  # official rule: the first token at an event boundary, in the last 130 positions
-            late = pos >= end_from
-            if until is not None:  # or ~100 tokens before `until`: the row's ms per token, from a prior of 30/s
-                ms_per_token = (g.time_ms() - t_prompt + 50 * 33) // (pos - n + 50)
-                late = late | (g.time_ms() >= until - 100 * ms_per_token)
-            tok = torch.where(boundary & ~g.dim_used & late, T.DIM_ID, tok)
-        if until is not None:  # <E> after the first event that starts at `until`
-            tok = torch.where(boundary & (g.state % DIM_USED == EVENT) & (g.time_ms() >= until), T.EOS_ID, tok)
-        tok = torch.where(g.done, T.PAD_ID, tok)
-        seq.scatter_(1, pos[:, None], tok[:, None])
-        g.advance(tok)
-        pos.add_(1)
-
-    graphs = {}  # read length -> the replay of its recorded step
-
-    def run(i):
-        if not cuda_graph:
-            return step(i)
-        if read_len(i) in graphs:
-            return graphs[read_len(i)]()
-        graphs[read_len(i)] = _capture(lambda: step(i), gen, device)  # also makes token i
-
-    if prefilled and (B > 1 or prefilled >= P):
-        raise ValueError(f"prefilled={prefilled}: needs one row, and fewer than its {P} prompt tokens")
-    _ensure_cache(model, B, P + length, dtype, device, keep=prefilled > 0)
-    # the prompts but their last tokens, causal from position 0 (or `prefilled`): the first step feeds those
-    if prefilled < P - 1:
-        model(seq[:, prefilled:P - 1], input_pos=prefilled, out_pos=torch.zeros_like(n))
-    _sync(device)
-    t1 = time.perf_counter()
-    rows_b = torch.arange(B, device=device)
-    run(0)
-    stop = on_step is not None and on_step(0, seq[rows_b, pos - 1].tolist())  # each row's new token
-    _sync(device)
-    t_first = t_shown = time.perf_counter()
-    steps = 1
-    while steps < length and not stop:
-        if steps % CHECK_DONE_EVERY == 0 or on_step is not None:
-            if bool(g.done.all()):  # the one host sync of the loop
-                break
-            if progress is not None and time.perf_counter() - t_shown > 10:
-                t_shown = time.perf_counter()
-                progress(steps, length)
-        run(steps)
-        if on_step is not None:
-            stop = on_step(steps, seq[rows_b, pos - 1].tolist())
-        steps += 1
-    out = seq.tolist()  # the one big copy to the host
-    t2 = time.perf_counter()
-
-    results = [r[:len(p) + steps] for r, p in zip(out, rows)]
-    results = [r[:r.index(T.EOS_ID) + 1] if T.EOS_ID in r else r for r in results]
-    if stats is not None:
-        new = sum(len(r) - len(p) for r, p in zip(results, rows))
-        stats.update(prefill_s=t1 - t0, first_token_s=t_first - t0, decode_s=t2 - t1, steps=steps,
-                     step_s=(t2 - t_first) / max(steps - 1, 1), new_tokens=new, tokens_per_s=new / (t2 - t0),
-                     decode_tokens_per_s=B * steps / (t2 - t1), device=str(device),
-                     dtype=str(dtype).replace("torch.", ""))
-    return results
 
 
 # -----------------------------------------------------------------------------
@@ -468,6 +518,47 @@ def plot_roll(prompt_notes, new_notes, path, title):
     return True
 
 
+def stream_notes(prompt, rows, json_lines=False, port=None, vocab_size=T.VOCAB_SIZE):
+    """sample.py --stream / --port: an on_step for sample.generate that prints every row's notes
+    and pedal changes as JSON lines the moment they are decoded, and plays the first row on a MIDI
+    output in real time, the prompt's last onset at the first new token; -> (on_step, finish),
+    finish() waits for the last notes, releases everything and returns an error or None."""
+    streams = [P.NoteStream(prompt) for _ in range(rows)]
+    player = P.Player(P.open_port(port, "output"), P.Clock()) if port else None
+    _, _, last, segments, _ = prompt_info(prompt, vocab_size)
+    origin = -(segments * T.SEGMENT_MS + (last - T.ONSET_START) * T.TIME_STEP_MS)
+
+    def on_step(i, toks):
+        if player and i == 0:  # the music starts with the first new token, not before the prefill
+            player.clock.start = time.perf_counter()
+        for row, (stream, tok) in enumerate(zip(streams, toks), 1):
+            notes, changes = stream.feed(tok)
+            for n in notes:
+                if json_lines:
+                    print(json.dumps(dict(row=row, start_ms=n[0], end_ms=n[1], pitch=n[2], velocity=n[3],
+                                          channel=n[4])), flush=True)
+                if player and row == 1:
+                    player.note(n[0] + origin, n[1] + origin, *n[2:])
+            for t, on in changes:
+                if json_lines:
+                    print(json.dumps(dict(row=row, pedal_ms=t, on=on)), flush=True)
+                if player and row == 1:
+                    player.pedal_change(t + origin, on)
+        return bool(player and player.error)
+
+    def finish():
+        if player is None:
+            return None
+        while player.busy() and not player.error:
+            time.sleep(0.01)
+        stuck = player.close()
+        print(f"played {player.stats['notes']} notes on {port}: {player.stats['late']} late "
+              f"(timeline moved {player.shift:.2f} s), {stuck} stuck", file=sys.stderr if json_lines else sys.stdout)
+        return player.error
+    return on_step, finish
+
+
+
 # -----------------------------------------------------------------------------
 # CLI
 
@@ -504,22 +595,31 @@ def add_model_args(ap):
                          "them (same tokens as without; experimental: not yet run on a GPU)")
 
 
-def add_sampling_args(ap):
-    """How tokens are drawn (sample.py and live.py)."""
-    ap.add_argument("--temp", type=float, default=0.98, help="temperature in [0, 2]; 0 = greedy")
-    ap.add_argument("--min_p", type=float, default=0.035,
+def add_sampling_args(ap, **defaults):
+    """How tokens are drawn (sample.py and live.py; `defaults` overrides sample.py's own, by
+    field name). sampling_from_args(a) turns the parsed options into a Sampling."""
+    d = {**vars(Sampling()), **defaults}
+    ap.add_argument("--temp", type=float, default=d["temp"], help="temperature in [0, 2]; 0 = greedy")
+    ap.add_argument("--min_p", type=float, default=d["min_p"],
                     help="drop tokens less likely than min_p x the most likely one; 0 = off")
-    ap.add_argument("--top_p", type=float, default=None, help="nucleus sampling in (0, 1]; unset or 1 = off")
-    ap.add_argument("--top_k", type=int, default=0, help="keep only the k most likely tokens; 0 = off")
-    ap.add_argument("--seed", type=int, default=0,
+    ap.add_argument("--top_p", type=float, default=d["top_p"], help="nucleus sampling in (0, 1]; unset or 1 = off")
+    ap.add_argument("--top_k", type=int, default=d["top_k"], help="keep only the k most likely tokens; 0 = off")
+    ap.add_argument("--seed", type=int, default=d["seed"],
                     help="seeds the sampler: same seed, checkpoint and device give byte-identical MIDI")
     ap.add_argument("--end", action="store_true",
                     help="steer toward an ending: <D> in the last 130 positions, or ~100 tokens before --seconds "
                          "(official force_end; a generatively finetuned model then ends with <E>)")
     ap.add_argument("--no_grammar", action="store_true",
                     help="sample from the whole vocabulary, as the official code does (output may not decode)")
-    ap.add_argument("--seconds", type=float, default=None,
+    ap.add_argument("--seconds", type=float, default=d["seconds"],
                     help="end each continuation after this much music (<E> after the first note starting later)")
+
+
+def sampling_from_args(a, **fields) -> Sampling:
+    """The parsed options as a Sampling; `fields` set the ones a script decides itself."""
+    s = Sampling(temp=a.temp, min_p=a.min_p, top_p=a.top_p, top_k=a.top_k, seed=a.seed, end=a.end,
+                 seconds=a.seconds, grammar=not a.no_grammar)
+    return replace(s, **fields)
 
 
 def build_parser():
@@ -661,16 +761,14 @@ def run(argv=None):
 
     stats, gpu, on_step, finish = {}, device == "cuda", None, None
     if a.stream or a.port:  # notes as they are decoded: JSON lines, the first row played in real time
-        import live
         try:
-            on_step, finish = live.stream_notes(ids, a.variations, a.stream, a.port, model.config.vocab_size)
-        except live.LiveError as e:
+            on_step, finish = stream_notes(ids, a.variations, a.stream, a.port, model.config.vocab_size)
+        except P.LiveError as e:
             raise Fail(str(e)) from None
     try:
-        rows = generate(model, ids, a.variations, length, a.temp, a.min_p, a.top_p, a.top_k, a.seed, a.end, device,
-                        grammar=not a.no_grammar, compile=a.compile and gpu, cuda_graph=a.cuda_graph and gpu,
-                        stats=stats, seconds=a.seconds, on_step=on_step,
-                        progress=lambda steps, total: log(f"  {steps}/{total} steps", flush=True))
+        rows = generate(model, ids, a.variations, length, sampling_from_args(a), device=device, stats=stats,
+                        progress=lambda steps, total: log(f"  {steps}/{total} steps", flush=True),
+                        on_step=on_step, compile=a.compile and gpu, cuda_graph=a.cuda_graph and gpu)
     finally:
         error = finish and finish()  # the last notes play out, then all off
     if error:

@@ -19,6 +19,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 import live as L  # noqa: E402
 import model as M  # noqa: E402
+import player as P  # noqa: E402
 import sample as S  # noqa: E402
 import tokenizer as T  # noqa: E402
 
@@ -140,7 +141,7 @@ def run_live(monkeypatch, files, recorder, *args, slow=0.0, fail_at=None, exc=Ru
         model.forward = step
         return model, path
     monkeypatch.setattr(S, "load_lm", load)
-    monkeypatch.setattr(L, "open_port", lambda name, kind: recorder)
+    monkeypatch.setattr(P, "open_port", lambda name, kind: recorder)
     return L.main(["--ckpt", str(files / "run"), "--device", "cpu", "--threads", "1", "--out", "port", *map(str, args)])
 
 
@@ -161,7 +162,7 @@ def test_all_notes_off_on_the_way_out(monkeypatch, files, capsys, exc, code):
         assert run_live(monkeypatch, files, rec, "--in", files / "solo.mid", "--takeover", 1.0, "--lookahead", 3,
                         fail_at=40, exc=exc) == 0
     else:
-        with pytest.raises(L.LiveError, match="RuntimeError: boom"):
+        with pytest.raises(P.LiveError, match="RuntimeError: boom"):
             run_live(monkeypatch, files, rec, "--in", files / "solo.mid", "--takeover", 1.0, "--lookahead", 3,
                      fail_at=40, exc=exc)
     assert any(m.type == "note_on" and m.velocity for _, m in rec.msgs)
@@ -169,7 +170,7 @@ def test_all_notes_off_on_the_way_out(monkeypatch, files, capsys, exc, code):
 
 
 def test_a_vanished_port_is_one_line(monkeypatch, files):
-    with pytest.raises(L.LiveError, match="the output stopped taking messages"):
+    with pytest.raises(P.LiveError, match="the output stopped taking messages"):
         run_live(monkeypatch, files, Recorder(fail_after=5), "--in", files / "solo.mid", "--takeover", 1.0,
                  "--seconds", 2)
 
@@ -180,8 +181,8 @@ def test_port_errors_are_one_line(files, monkeypatch):
     assert r.returncode == 1 and r.stderr.count("\n") == 1 and r.stderr.startswith("live.py: error:"), r.stderr
     assert "python-rtmidi" in r.stderr or "no MIDI input named 'Nope'" in r.stderr
     monkeypatch.setattr(mido, "get_output_names", lambda: ["Synth A", "Synth B"])
-    with pytest.raises(L.LiveError, match="no MIDI output named 'X'; outputs: 'Synth A', 'Synth B'"):
-        L.open_port("X", "output")
+    with pytest.raises(P.LiveError, match="no MIDI output named 'X'; outputs: 'Synth A', 'Synth B'"):
+        P.open_port("X", "output")
     r = subprocess.run([sys.executable, str(ROOT / "live.py"), "--in", files / "missing.mid"], capture_output=True,
                        text=True, env=ENV, cwd=ROOT, timeout=60)
     assert r.returncode == 1 and r.stderr.count("\n") == 1 and "missing.mid" in r.stderr
@@ -233,7 +234,7 @@ def test_onset_floor_and_seconds():
 def test_sample_stream_prints_each_note_and_port_plays_them(files, tmp_path, monkeypatch, capsys):
     write_midi(tmp_path / "p.mid", phrase(0, 3.0))
     rec = Recorder()
-    monkeypatch.setattr(L, "open_port", lambda name, kind: rec)
+    monkeypatch.setattr(P, "open_port", lambda name, kind: rec)
     assert S.main([str(tmp_path / "p.mid"), "--ckpt", str(files / "run"), "--out", str(tmp_path / "o"), "--stream",
                    "--port", "Synth", "--seconds", "2", "--variations", "2", "--device", "cpu"]) == 0
     out, err = capsys.readouterr()

@@ -219,10 +219,9 @@ def fake_capture(calls):
 
         def where():
             cells = {k: c.cell_contents for k, c in zip(step.__code__.co_freevars, step.__closure__)}
-            inner = cells["step"]  # capture gets `lambda: step(i)`; the state lives in step's closure
-            cells = {k: c.cell_contents for k, c in zip(inner.__code__.co_freevars, inner.__closure__)}
-            return ({k: id(v) for k, v in cells.items()}, {k: id(v) for k, v in vars(cells["g"]).items()},
-                    [b.kv_cache.k.data_ptr() for b in cells["model"].model.encode_layers])
+            dec = cells["dec"]  # capture gets `lambda: dec.step(i)`; the state lives on the Decoder
+            return ({k: id(v) for k, v in vars(dec).items()}, {k: id(v) for k, v in vars(dec.g).items()},
+                    [b.kv_cache.k.data_ptr() for b in dec.model.model.encode_layers])
         before = where()
 
         def replay():
