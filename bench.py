@@ -279,14 +279,15 @@ def bench_train(args):
     import torch
     import torch.nn.functional as F
     import model as M
-    _, _, device = M.setup_distributed(args.device)  # TF32 for float32 matmuls on CUDA, as the stage scripts
+    import training as TR
+    _, _, device = TR.setup_distributed(args.device)  # TF32 for float32 matmuls on CUDA, as the stage scripts
     dtype = args.dtype if args.dtype != "auto" else "bfloat16" if device.type == "cuda" else "float32"
     torch.manual_seed(0)
     cfg = replace(M.PRESETS[args.preset], max_seq_len=max(args.seq_len, M.PRESETS[args.preset].max_seq_len))
     m = M.Aria(cfg).to(device).train()
-    micro, m.config.grad_checkpoint, _, plan = M.plan_batch(m.config, args.seq_len, args.batch, device, args.micro_batch,
+    micro, m.config.grad_checkpoint, _, plan = TR.plan_batch(m.config, args.seq_len, args.batch, device, args.micro_batch,
                                                          args.grad_checkpoint, dtype == "bfloat16")
-    opt = M.configure_optimizer(m, device_type=device.type)
+    opt = TR.configure_optimizer(m, device_type=device.type)
     autocast = (torch.autocast(device.type, dtype=torch.bfloat16) if dtype == "bfloat16"
                 else contextlib.nullcontext())
     batch = torch.randint(6, cfg.vocab_size, (args.batch, args.seq_len + 1), device=device)
@@ -296,7 +297,7 @@ def bench_train(args):
             logits = m(b[:, :-1])
         return F.cross_entropy(logits.float().flatten(0, 1), b[:, 1:].flatten())
 
-    lm_loss = M.LMLoss(m)
+    lm_loss = TR.LMLoss(m)
 
     def chunked_loss(b):
         with autocast:
@@ -332,7 +333,7 @@ def bench_train(args):
     t = timed(lambda: (step(), sync()), args.steps)
     peak = torch.cuda.max_memory_allocated() if device.type == "cuda" else rss_peak() - base if base else None
     tok_s = args.batch * args.seq_len / t
-    mfu = M.estimate_mfu(cfg, args.seq_len, tok_s) if device.type == "cuda" else None
+    mfu = TR.estimate_mfu(cfg, args.seq_len, tok_s) if device.type == "cuda" else None
     print(f"train: {args.preset} ({m.num_params() / 1e6:.1f}M), batch {args.batch} x {args.seq_len} ({plan}), {dtype}, "
           f"{'full float32 logits' if args.full_logits else 'chunked loss'}, {device_name(device.type)}: "
           f"{t * 1e3:.0f} ms/step, {tok_s:,.0f} tokens/s" + (f", MFU {100 * mfu:.1f}%" if mfu else "")
@@ -340,7 +341,7 @@ def bench_train(args):
     if args.data:
         import pretrain
         ds = pretrain.PackedWindows(args.data, "train", args.seq_len, 0, True)
-        loader = torch.utils.data.DataLoader(ds, batch_size=args.batch, sampler=M.StepSampler(0, args.batch, 1, 0, 1),
+        loader = torch.utils.data.DataLoader(ds, batch_size=args.batch, sampler=TR.StepSampler(0, args.batch, 1, 0, 1),
                                              num_workers=args.workers)
         it = iter(loader)
         next(it)

@@ -40,6 +40,7 @@ import torch.nn.functional as F
 
 import model as M
 import tokenizer as T
+import training as TR
 
 MIDI_SUFFIXES = (".mid", ".midi")
 SPLIT_ALIASES = {"train": "train", "valid": "valid", "val": "valid", "validation": "valid", "test": "test"}
@@ -280,7 +281,7 @@ def read_labels(csv_path, path_col="path", label_col="label", split_col="split")
         rows.append((str(full), label, SPLIT_ALIASES[split.lower()], path))
     if not rows:
         raise Fail(f"{p}: no rows")
-    splits = [r[2] for r in rows] if has_split else M.stratified_split([r[3] for r in rows], [r[1] for r in rows])
+    splits = [r[2] for r in rows] if has_split else TR.stratified_split([r[3] for r in rows], [r[1] for r in rows])
     return [(full, label, split) for (full, label, _, _), split in zip(rows, splits)], "csv" if has_split else "stratified"
 
 
@@ -468,7 +469,7 @@ def run(args):
         ok = files
         emb = emb_all[[where[os.path.realpath(f)] for f in files]]
     else:
-        _, _, device = M.setup_distributed(args.device, tf32=args.dtype in ("auto", "tf32"))
+        _, _, device = TR.setup_distributed(args.device, tf32=args.dtype in ("auto", "tf32"))
         dtype = torch.bfloat16 if args.dtype == "bfloat16" else torch.float32
         tf32 = device.type == "cuda" and args.dtype in ("auto", "tf32")
         model = load_embedder(args.ckpt, device, args.head)

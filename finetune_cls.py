@@ -39,6 +39,7 @@ import torch.nn.functional as F
 
 import model as M
 import tokenizer as T
+import training as TR
 
 SPLITS = ("train", "valid", "test")
 SPLIT_ALIASES = {"train": "train", "valid": "valid", "val": "valid", "validation": "valid", "test": "test"}
@@ -108,7 +109,7 @@ def get_args(argv=None):
     ap.add_argument("--resume", action="store_true", help="continue from OUT/ckpt.pt with its saved settings")
     argv = sys.argv[1:] if argv is None else argv
     args = ap.parse_args(argv)
-    return args if args.predict is not None else M.resume_args(args, ap, argv)
+    return args if args.predict is not None else TR.resume_args(args, ap, argv)
 
 
 # -----------------------------------------------------------------------------
@@ -160,7 +161,7 @@ def read_labels(csv_path, path_col="path", label_col="label", split_col="split",
     if len(classes) < 2:
         raise Fail(f"{p}: a single class ({classes[0]!r}) in column {label_col!r}; a classifier needs two or more")
     if not has_split:
-        splits = M.stratified_split([r[3] for r in rows], [r[1] for r in rows], valid_frac, test_frac)
+        splits = TR.stratified_split([r[3] for r in rows], [r[1] for r in rows], valid_frac, test_frac)
         rows = [(a, b, s, d) for (a, b, _, d), s in zip(rows, splits)]
     return rows, classes, has_split
 
@@ -341,9 +342,9 @@ def predict_main(args):
     classes, slice_len = saved.get("classes"), saved.get("slice_len", 1024)
     if not classes:
         raise Fail(f"{M.resolve_checkpoint(src)}: no class names inside (not written by finetune_cls.py)")
-    _, _, device = M.setup_distributed(args.device)
+    _, _, device = TR.setup_distributed(args.device)
     model = M.load_model(src, device=device, heads=("cls",))
-    amp = M.autocast_dtype(args.dtype, device)
+    amp = TR.autocast_dtype(args.dtype, device)
     autocast = torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None)
     failed = 0
     for path in args.predict:
@@ -397,9 +398,9 @@ def train(args):
         raise Fail("--labels is required (a CSV with path and label columns; see --help)")
     if args.slice_len < MIN_ROOM + 8:
         raise Fail(f"--slice_len {args.slice_len} is too short")
-    rank, world, device = M.setup_distributed(args.device)
+    rank, world, device = TR.setup_distributed(args.device)
     out, master = Path(args.out), rank == 0
-    amp = M.autocast_dtype(args.dtype, device)
+    amp = TR.autocast_dtype(args.dtype, device)
     autocast = torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None)
 
     def say(*a, **k):
@@ -436,7 +437,7 @@ def train(args):
 
     train_slices = [s for f in files["train"] for s in f[2]]
     train_labels = [f[1] for f in files["train"] for _ in f[2]]
-    micro, model.config.grad_checkpoint, _, plan = M.plan_batch(model.config, args.slice_len, args.batch_size, device, args.micro_batch,
+    micro, model.config.grad_checkpoint, _, plan = TR.plan_batch(model.config, args.slice_len, args.batch_size, device, args.micro_batch,
                                                              args.grad_checkpoint, amp is not None, lm_head=False)
     accum, per_step = args.batch_size // micro, args.batch_size * world
     train_set = SliceSet(train_slices, train_labels, per_step, args.seed, args.augment)
@@ -456,7 +457,7 @@ def train(args):
         f"{per_step} slices ({args.max_iters / spe:.2f} epochs of {spe} steps); per process {plan}")
 
     # optimizer; --resume restores weights, optimizer moments, step and RNG (dropout masks included)
-    opt = M.configure_optimizer(model, args.lr, args.weight_decay, device_type=device.type)
+    opt = TR.configure_optimizer(model, args.lr, args.weight_decay, device_type=device.type)
     step, history = 0, []  # history: one results.json entry per evaluated epoch
     if ckpt:
         opt.load_state_dict(ckpt["optimizer"])
@@ -518,10 +519,10 @@ def train(args):
         if device.type == "cuda":
             torch.cuda.synchronize(device)
 
-    # the loader yields this rank's micro-batches from `step` on (M.StepSampler); its own
+    # the loader yields this rank's micro-batches from `step` on (TR.StepSampler); its own
     # generator, so that starting it does not draw from the restored global RNG
     loader = torch.utils.data.DataLoader(
-        train_set, batch_size=micro, sampler=M.StepSampler(step, micro, accum, rank, world),
+        train_set, batch_size=micro, sampler=TR.StepSampler(step, micro, accum, rank, world),
         num_workers=args.workers, pin_memory=device.type == "cuda", persistent_workers=args.workers > 0,
         generator=torch.Generator().manual_seed(0))
     batches = iter(loader)
@@ -532,7 +533,7 @@ def train(args):
     t_mark, busy, n_steps, n_tokens = time.time(), 0.0, 0, 0
     model.train()
     while step < stop:
-        lr = M.lr_at(step, args.lr, args.warmup, args.max_iters, args.final_lr_frac)
+        lr = TR.lr_at(step, args.lr, args.warmup, args.max_iters, args.final_lr_frac)
         for group in opt.param_groups:
             group["lr"] = lr
         loss_sum = torch.zeros((), device=device)
@@ -565,7 +566,7 @@ def train(args):
             busy += time.time() - t_mark
             rec = {"step": step, "loss": round(loss, 6), "lr": float(f"{lr:.3e}")}
             if n_steps:  # tokens: the slices' non-pad tokens
-                mfu = M.estimate_mfu(raw.config, args.slice_len, n_tokens / busy, lm_head=False, peak=args.peak_tflops * 1e12) \
+                mfu = TR.estimate_mfu(raw.config, args.slice_len, n_tokens / busy, lm_head=False, peak=args.peak_tflops * 1e12) \
                     if device.type == "cuda" or args.peak_tflops else None
                 rec.update(ms=round(1e3 * busy / n_steps, 1), tok_s=round(n_tokens / busy),
                            **({"mfu": round(mfu, 4)} if mfu else {}), eta_s=round((stop - step) * busy / n_steps))

@@ -51,6 +51,7 @@ import torch.nn.functional as F
 
 import model as M
 import tokenizer as T
+import training as TR
 
 
 class Fail(Exception):
@@ -118,7 +119,7 @@ def get_args(argv=None):
                     help="head init (all weights with --init none), data order, slices, augmentation")
     ap.add_argument("--resume", action="store_true", help="continue from OUT/ckpt.pt with its saved settings")
     argv = sys.argv[1:] if argv is None else argv
-    args = M.resume_args(ap.parse_args(argv), ap, argv)
+    args = TR.resume_args(ap.parse_args(argv), ap, argv)
     if not args.init or not args.data:
         ap.error("--init and --data are required (unless --resume)")
     return args
@@ -357,14 +358,14 @@ def train(args):
         raise Fail(f"{data} holds pedal tokens (prepare.py --pedal): contrastive finetuning reads the default "
                    "vocabulary, as the official embedding model does; prepare the data without --pedal")
     # no TF32: the embedding head and the similarities must stay float32 (near-identical embeddings, below)
-    rank, world, device = M.setup_distributed(args.device, tf32=False)
+    rank, world, device = TR.setup_distributed(args.device, tf32=False)
     master, out = rank == 0, Path(args.out)
-    amp = M.autocast_dtype(args.dtype, device)
+    amp = TR.autocast_dtype(args.dtype, device)
     autocast = torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None)
     model = build_model(args).to(device)
     M.data_vocab(data, model)  # a pedal --init with this default-vocabulary data: one line
     # the micro-batch is the loss's batch (its negatives): only activation checkpointing is planned
-    _, model.config.grad_checkpoint, _, plan = M.plan_batch(model.config, args.max_len, 2 * args.batch_size, device,
+    _, model.config.grad_checkpoint, _, plan = TR.plan_batch(model.config, args.max_len, 2 * args.batch_size, device,
                                                          2 * args.batch_size, args.grad_checkpoint, amp is not None, lm_head=False)
 
     per_step = args.batch_size * args.grad_accum * world
@@ -392,7 +393,7 @@ def train(args):
               f"augment {'on' if args.augment else 'off'}; views per process: {plan}", flush=True)
 
     # optimizer; --resume restores weights, optimizer moments, step and RNG (data order needs only the step)
-    opt = M.configure_optimizer(model, args.lr, args.weight_decay, device_type=device.type)
+    opt = TR.configure_optimizer(model, args.lr, args.weight_decay, device_type=device.type)
     step = 0
     if args.resume:
         ckpt = M.load_checkpoint(out / "ckpt.pt")
@@ -448,10 +449,10 @@ def train(args):
         if device.type == "cuda":
             torch.cuda.synchronize(device)
 
-    # the loader yields this rank's micro-batches from `step` on (M.StepSampler); its own
+    # the loader yields this rank's micro-batches from `step` on (TR.StepSampler); its own
     # generator, so that starting it does not draw from the restored global RNG
     loader = torch.utils.data.DataLoader(
-        train_set, batch_size=args.batch_size, sampler=M.StepSampler(step, args.batch_size, args.grad_accum, rank, world),
+        train_set, batch_size=args.batch_size, sampler=TR.StepSampler(step, args.batch_size, args.grad_accum, rank, world),
         num_workers=args.workers, pin_memory=device.type == "cuda", persistent_workers=args.workers > 0,
         generator=torch.Generator().manual_seed(0))
     batches = iter(loader)
@@ -462,7 +463,7 @@ def train(args):
     t_mark, busy, n_steps, n_tokens = time.time(), 0.0, 0, 0
     model.train()
     while step < stop:
-        lr = M.lr_at(step, args.lr, args.warmup, args.max_iters, args.final_lr_frac)
+        lr = TR.lr_at(step, args.lr, args.warmup, args.max_iters, args.final_lr_frac)
         for group in opt.param_groups:
             group["lr"] = lr
         loss_sum = torch.zeros((), device=device)
@@ -496,7 +497,7 @@ def train(args):
             busy += time.time() - t_mark
             rec = {"step": step, "loss": round(loss, 6), "lr": float(f"{lr:.3e}")}
             if n_steps:  # tokens: the views' non-pad tokens
-                mfu = M.estimate_mfu(raw.config, args.max_len, n_tokens / busy, lm_head=False, peak=args.peak_tflops * 1e12) \
+                mfu = TR.estimate_mfu(raw.config, args.max_len, n_tokens / busy, lm_head=False, peak=args.peak_tflops * 1e12) \
                     if device.type == "cuda" or args.peak_tflops else None
                 rec.update(ms=round(1e3 * busy / n_steps, 1), tok_s=round(n_tokens / busy),
                            **({"mfu": round(mfu, 4)} if mfu else {}), eta_s=round((stop - step) * busy / n_steps))

@@ -30,6 +30,7 @@ import torch
 
 import model as M
 import tokenizer as T
+import training as TR
 
 # how log records print on stdout (OUT/log.jsonl has them as JSON)
 LOG_FORMAT = {"loss": "loss {:.4f}", "val_loss": "val_loss {:.4f}", "lr": "lr {:.2e}", "ms": "{:.0f} ms/step",
@@ -71,7 +72,7 @@ def get_args(argv=None):
     ap.add_argument("--seed", type=int, default=0, help="data order, <D> placement and augmentation")
     ap.add_argument("--resume", action="store_true", help="continue from OUT/ckpt.pt with its saved settings")
     argv = sys.argv[1:] if argv is None else argv
-    args = M.resume_args(ap.parse_args(argv), ap, argv)
+    args = TR.resume_args(ap.parse_args(argv), ap, argv)
     if not args.init or not args.data:
         ap.error("--init and --data are required (unless --resume)")
     return args
@@ -135,7 +136,7 @@ def next_token_loss(model, batch, autocast=contextlib.nullcontext()):
     """batch (B, T+1) ids -> mean next-token cross-entropy, <P> targets ignored. The forward runs
     under `autocast` (bf16 on CUDA); the loss is float32, outside it, chunked (model.LMLoss)."""
     with autocast:
-        return M.LMLoss(model)(batch)
+        return TR.LMLoss(model)(batch)
 
 
 # -----------------------------------------------------------------------------
@@ -143,12 +144,12 @@ def next_token_loss(model, batch, autocast=contextlib.nullcontext()):
 def main():
     try:
         args = get_args()
-        rank, world, device = M.setup_distributed(args.device)
+        rank, world, device = TR.setup_distributed(args.device)
         model = M.load_model(args.init, heads=("lm",)).to(device).train()
     except M.CheckpointError as e:
         sys.exit(f"finetune_gen.py: {e}")
     master, out = rank == 0, Path(args.out)
-    amp = M.autocast_dtype(args.dtype, device)
+    amp = TR.autocast_dtype(args.dtype, device)
     autocast = torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None)
     data = Path(args.data)
     if not (data / "meta.json").is_file():
@@ -160,7 +161,7 @@ def main():
     args.seq_len = args.seq_len or model.config.max_seq_len
     if args.seq_len > model.config.max_seq_len:
         sys.exit(f"finetune_gen.py: --seq_len {args.seq_len} exceeds the model's context {model.config.max_seq_len}")
-    micro, model.config.grad_checkpoint, _, plan = M.plan_batch(model.config, args.seq_len, args.batch_size, device,
+    micro, model.config.grad_checkpoint, _, plan = TR.plan_batch(model.config, args.seq_len, args.batch_size, device,
                                                              args.micro_batch, args.grad_checkpoint, amp is not None)
     accum = args.batch_size // micro
     torch.manual_seed(args.seed)
@@ -177,7 +178,7 @@ def main():
               f"sequences of {args.seq_len}; {args.max_iters} steps of {per_step}; per process {plan}")
 
     # optimizer; --resume restores weights, optimizer moments, step and RNG (data order needs only the step)
-    opt = M.configure_optimizer(model, args.lr, args.weight_decay, device_type=device.type)
+    opt = TR.configure_optimizer(model, args.lr, args.weight_decay, device_type=device.type)
     step = 0
     if args.resume:
         ckpt = M.load_checkpoint(out / "ckpt.pt")
@@ -192,7 +193,7 @@ def main():
     # what we save and evaluate: `raw`. The loop runs the whole loss as one module, under torchrun in
     # DDP, compiled around DDP so that the gradients' all-reduce overlaps the backward (as pretrain.py)
     raw, ddp = model, None
-    model = M.LMLoss(raw)
+    model = TR.LMLoss(raw)
     if torch.distributed.is_initialized():
         model = ddp = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
     if device.type == "cuda" and args.compile:
@@ -227,10 +228,10 @@ def main():
         if device.type == "cuda":
             torch.cuda.synchronize(device)
 
-    # the loader yields this rank's micro-batches from `step` on (M.StepSampler); its own
+    # the loader yields this rank's micro-batches from `step` on (TR.StepSampler); its own
     # generator, so that starting it does not draw from the restored global RNG
     loader = torch.utils.data.DataLoader(
-        train_set, batch_size=micro, sampler=M.StepSampler(step, micro, accum, rank, world),
+        train_set, batch_size=micro, sampler=TR.StepSampler(step, micro, accum, rank, world),
         num_workers=args.workers, pin_memory=device.type == "cuda", persistent_workers=args.workers > 0,
         generator=torch.Generator().manual_seed(0))
     batches = iter(loader)
@@ -242,7 +243,7 @@ def main():
     t_mark, busy, n_steps = time.time(), 0.0, 0
     model.train()
     while step < stop:
-        lr = M.lr_at(step, args.lr, args.warmup, args.max_iters, args.final_lr_frac)
+        lr = TR.lr_at(step, args.lr, args.warmup, args.max_iters, args.final_lr_frac)
         for group in opt.param_groups:
             group["lr"] = lr
         loss_sum = torch.zeros((), device=device)
@@ -252,7 +253,7 @@ def main():
                 if ddp is not None:  # under torchrun: all-reduce gradients in the last micro-step's backward only
                     ddp.require_backward_grad_sync = i == accum - 1
                 with autocast:
-                    loss = model(batch)  # float32 (M.LMLoss)
+                    loss = model(batch)  # float32 (TR.LMLoss)
                 (loss / accum).backward()
                 loss_sum += loss.detach() / accum
             if args.grad_clip:
@@ -278,7 +279,7 @@ def main():
             rec = {"step": step, "loss": round(loss, 6), "lr": float(f"{lr:.3e}")}
             if n_steps:  # tokens/s and MFU of one process (one GPU): its own share of the batch
                 tok_s = n_steps * args.batch_size * args.seq_len / busy
-                mfu = M.estimate_mfu(raw.config, args.seq_len, tok_s, peak=args.peak_tflops * 1e12) \
+                mfu = TR.estimate_mfu(raw.config, args.seq_len, tok_s, peak=args.peak_tflops * 1e12) \
                     if device.type == "cuda" or args.peak_tflops else None
                 rec.update(ms=round(1e3 * busy / n_steps, 1), tok_s=round(tok_s),
                            **({"mfu": round(mfu, 4)} if mfu else {}))

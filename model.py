@@ -1,38 +1,36 @@
 """
 The Aria transformer: a small, flat PyTorch reimplementation.
 
-Aria ("Scaling Self-Supervised Representation Learning for Symbolic Piano
-Performance", ISMIR 2025) is a LLaMA-3.2-style decoder with a few changes:
-pre-LN with nn.LayerNorm (bias, eps 1e-5), full multi-head attention with a
-fused bias-free QKV projection, RoPE theta=500000 in the rotate-half layout,
-SwiGLU FFN, final LayerNorm, untied heads. One trunk serves every use:
+Aria ("Scaling Self-Supervised Representation Learning for Symbolic Piano Performance", ISMIR 2025,
+§3.2) is a LLaMA-3.2-style decoder with a few changes: pre-LN with nn.LayerNorm (bias, eps 1e-5),
+full multi-head attention with a fused bias-free QKV projection, RoPE theta=500000 in the
+rotate-half layout, SwiGLU FFN, final LayerNorm, untied heads. One trunk serves every use:
 
     lm       lm_head            (B, T, vocab)  next-token logits (pretraining, generation)
     emb      emb_head           (B, T, E)      contrastive embedding, read at <E>
     cls      class_head         (B, T, C)      classifier logits, read at <E>
     adapter  embedding_adapter  E -> d         conditions the LM on an embedding
 
-Parameter names are the official ones: official safetensors load unchanged (SPEC.md B, D.2).
-Then checkpoint I/O, and small helpers that each script's own training loop calls in one line.
+Parameter names are the official ones (EleutherAI/aria @ b0486c8, aria/model.py and
+aria/inference/model_cuda.py): official safetensors load unchanged.
+Sections: config and presets; the network (rope, Block, Transformer: the network ends there);
+the KV cache for decoding; the heads (Aria); loading and saving checkpoints. The helpers the
+training loops call in one line are in training.py.
 """
-import hashlib
 import json
 import os
-import sys
 import warnings
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-import quantize as Q
 import tokenizer
 
-VOCAB_SIZE = tokenizer.VOCAB_SIZE  # 17727, the AbsTokenizer vocabulary (SPEC A.2)
+VOCAB_SIZE = tokenizer.VOCAB_SIZE  # 17727, the official AbsTokenizer vocabulary
 ROPE_THETA = 500000.0
 HEAD_DIM = 64  # official head width; used to guess n_heads when no config is given
 
@@ -43,7 +41,7 @@ HEAD_DIM = 64  # official head width; used to guess n_heads when no config is gi
 
 @dataclass
 class ModelConfig:
-    # field names, order and defaults match the official ModelConfig (SPEC B),
+    # field names, order and defaults match the official ModelConfig (aria/model.py),
     # so official JSON configs load and ours load in the official code
     d_model: int
     n_heads: int
@@ -99,27 +97,6 @@ def apply_rope(x, cos, sin):
     return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1).type_as(x)
 
 
-class KVCache:
-    """Static (B, H, L, Dh) key/value buffers, written in place, read only up to the filled length."""
-
-    def __init__(self, shape, dtype, device):
-        self.k = torch.zeros(shape, dtype=dtype, device=device)
-        self.v = torch.zeros_like(self.k)
-        self.rows = torch.arange(shape[0], device=device)[:, None]  # (B, 1)
-
-    def update(self, pos, k, v, kv_len):
-        """k, v: (B, H, T, Dh) written at pos, an int s (every row at s..s+T-1: a slice copy)
-        or a (B, T) tensor (each row at its own positions); -> the first kv_len slots of each.
-        Both writes stay in place under torch.compile (scatter_ would copy the whole cache)."""
-        if isinstance(pos, int):
-            self.k[:, :, pos:pos + k.shape[2]] = k
-            self.v[:, :, pos:pos + k.shape[2]] = v
-        else:  # index_put_ over (B, T) -> indexes (B, T, H, Dh)
-            self.k[self.rows, :, pos] = k.transpose(1, 2).to(self.k.dtype)
-            self.v[self.rows, :, pos] = v.transpose(1, 2).to(self.v.dtype)
-        return self.k[:, :, :kv_len], self.v[:, :, :kv_len]
-
-
 class Block(nn.Module):
     """Pre-LN block: x + drop(attn(norm1(x))), then x + drop(ffn(norm2(x)))."""
 
@@ -135,7 +112,7 @@ class Block(nn.Module):
         self.norm1 = nn.LayerNorm(d)
         self.norm2 = nn.LayerNorm(d)
         # "layerwise dropout": 0 at the first layer rising linearly to resid_dropout
-        # at the last (classifier finetune, paper §4.1: 0.2; SPEC B / C.4)
+        # at the last (classifier finetune, paper §4.1: 0.2; official aria/model.py)
         self.dropout = nn.Dropout(cfg.resid_dropout * layer_idx / max(1, cfg.n_layers - 1))
         self.kv_cache: KVCache | None = None
 
@@ -149,10 +126,13 @@ class Block(nn.Module):
         if pos is None:
             # no padding/document mask, as in official training; flash kernel on CUDA
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        elif T == 1 and self.kv_cache.compact:  # one token reads a compact cache as it is stored
+            y = self.kv_cache.attend_one(q, pos, k, v, kv_len, mask).to(x.dtype)
         else:  # attend over the filled cache: causal for a prefill from 0, no mask for one aligned token
             k, v = self.kv_cache.update(pos, k, v, kv_len)  # (B, H, kv_len, Dh)
             causal = isinstance(pos, int) and pos == 0 and T > 1
-            y = F.scaled_dot_product_attention(q.to(k.dtype), k, v, attn_mask=mask, is_causal=causal).to(x.dtype)
+            y = F.scaled_dot_product_attention(q.to(k.dtype), k, v, attn_mask=mask, is_causal=causal)
+            y = y.to(x.dtype)
         return self.att_proj_linear(y.transpose(1, 2).reshape(B, T, C))
 
     def forward(self, x, cos, sin, pos=None, kv_len=None, mask=None):
@@ -193,7 +173,8 @@ class Transformer(nn.Module):
                 if input_pos + T > cache.k.shape[2]:
                     raise ValueError(f"positions up to {input_pos + T} > cache length {cache.k.shape[2]}")
                 if input_pos > 0 and T > 1:  # (T, s+T): query i sees slots up to s+i
-                    mask = torch.arange(kv_len, device=h.device) <= torch.arange(input_pos, kv_len, device=h.device)[:, None]
+                    slots = torch.arange(kv_len, device=h.device)
+                    mask = slots <= slots[input_pos:, None]
             else:
                 pos = input_pos if input_pos.dim() == 2 else input_pos[None].expand(B, T)  # (B, T)
                 kv_len = kv_len or cache.k.shape[2]
@@ -212,7 +193,38 @@ class Transformer(nn.Module):
 
 
 # -----------------------------------------------------------------------------
-# the model: trunk + selectable heads
+# The KV cache: what decoding keeps of the past
+
+
+class KVCache:
+    """Static (B, H, L, Dh) key/value buffers in the model's dtype, written in place, read only up
+    to the filled length. quantize.CompactKVCache stores bf16 or int8 instead (setup_cache)."""
+    compact = False  # True: a decode step calls attend_one, which reads the stored bytes as they are
+
+    def __init__(self, shape, dtype, device):
+        self.k = torch.zeros(shape, dtype=dtype, device=device)
+        self.v = torch.zeros_like(self.k)
+        self.rows = torch.arange(shape[0], device=device)[:, None]  # (B, 1)
+
+    def bytes_per_slot(self) -> int:
+        """Bytes one cached position takes (K and V, every row and head)."""
+        return 2 * self.k[:, :, 0].numel() * self.k.element_size()
+
+    def update(self, pos, k, v, kv_len):
+        """k, v: (B, H, T, Dh) written at pos, an int s (every row at s..s+T-1: a slice copy)
+        or a (B, T) tensor (each row at its own positions); -> the first kv_len slots of each.
+        Both writes stay in place under torch.compile (scatter_ would copy the whole cache)."""
+        if isinstance(pos, int):
+            self.k[:, :, pos:pos + k.shape[2]] = k
+            self.v[:, :, pos:pos + k.shape[2]] = v
+        else:  # index_put_ over (B, T) -> indexes (B, T, H, Dh)
+            self.k[self.rows, :, pos] = k.transpose(1, 2).to(self.k.dtype)
+            self.v[self.rows, :, pos] = v.transpose(1, 2).to(self.v.dtype)
+        return self.k[:, :, :kv_len], self.v[:, :, :kv_len]
+
+
+# -----------------------------------------------------------------------------
+# The heads: the trunk plus lm / emb / cls heads and the embedding adapter (official class names)
 
 
 class Aria(nn.Module):
@@ -226,12 +238,14 @@ class Aria(nn.Module):
         cfg = self.config = replace(config)
         heads = heads or (("cls",) if cfg.class_size else ("emb",) if cfg.emb_size else ("lm",))
         if not any(h in OUTPUT_HEADS for h in heads) or not set(heads) <= set(HEAD_ATTRS):
-            raise ValueError(f"heads={tuple(heads)}: expected kinds from {tuple(HEAD_ATTRS)}, one an output head")
+            raise ValueError(f"heads={tuple(heads)}: expected kinds from {tuple(HEAD_ATTRS)}, "
+                             "one an output head")
         self.model = Transformer(cfg)
         sizes = {"lm": cfg.vocab_size, "emb": cfg.emb_size, "cls": cfg.class_size, "adapter": cfg.emb_size}
         for kind, attr in HEAD_ATTRS.items():  # fresh heads: PyTorch's default init
             if kind in heads and not sizes[kind]:
-                raise ValueError(f"{kind} head needs a size ({'class_size' if kind == 'cls' else 'emb_size'})")
+                field = "class_size" if kind == "cls" else "emb_size"
+                raise ValueError(f"{kind} head needs a size ({field})")
             shape = (sizes[kind], cfg.d_model) if kind == "adapter" else (cfg.d_model, sizes[kind])
             setattr(self, attr, nn.Linear(*shape, bias=False) if kind in heads else None)
         self.default_head = next(h for h in heads if h in OUTPUT_HEADS)
@@ -247,7 +261,8 @@ class Aria(nn.Module):
         return tuple(k for k, a in HEAD_ATTRS.items() if getattr(self, a) is not None)
 
     def num_params(self, exclude_embedding: bool = False) -> int:
-        n = sum(p.numel() for p in self.parameters()) + sum(q.n_out * q.n_in for q in self.modules() if isinstance(q, Q.QLinear))
+        n = sum(p.numel() for p in self.parameters())
+        n += sum(q.n_out * q.n_in for q in self.modules() if hasattr(q, "qweight"))  # quantize.QLinear
         return n - self.model.tok_embeddings.weight.numel() if exclude_embedding else n
 
     def hidden(self, ids, emb=None, input_pos=None, kv_len=None):
@@ -287,19 +302,26 @@ class Aria(nn.Module):
             return proj(h.to(proj.weight.dtype))
 
     def setup_cache(self, batch_size: int, max_seq_len: int | None = None, dtype=None, device=None):
-        """Preallocate static per-layer K/V buffers (B, H, L, Dh) (SPEC D.2, gpt-fast style). Then,
-        for prompts of lengths n (B,) right-padded to (B, P) (sample.py does exactly this):
+        """Preallocate static per-layer K/V buffers (B, H, L, Dh), gpt-fast style (official
+        aria/inference/model_cuda.py keeps one too). dtype: the weights' (default: exact), or a
+        compact torch.bfloat16 / torch.int8 (KVCache). Then, for prompts of lengths n (B,)
+        right-padded to (B, P) (sample.py does exactly this):
             logits = model(prompt, input_pos=0, out_pos=n - 1)  # (B, V), causal over the prompt
-            loop: logits = model(tok[:, None], input_pos=pos[:, None], kv_len=max(n) + i)[:, 0]; pos += 1
+            loop: logits = model(tok[:, None], input_pos=pos[:, None], kv_len=max(n) + i)[:, 0]
         or, when every row is at the same position p (one prompt, several variations), the
         mask-free model(tok[:, None], input_pos=p)."""
         cfg, w = self.config, self.model.tok_embeddings.weight
         L = max_seq_len or cfg.max_seq_len
         if L > cfg.max_seq_len:
             raise ValueError(f"cache length {L} > max_seq_len {cfg.max_seq_len}")
+        cache = KVCache
+        if (dtype or w.dtype) != w.dtype:  # a compact cache, a sampling-time quantization
+            import quantize
+            cache = quantize.CompactKVCache
         for layer in self.model.encode_layers:
-            layer.kv_cache = KVCache((batch_size, cfg.n_heads, L, cfg.d_model // cfg.n_heads),
-                                     dtype or w.dtype, device or w.device)
+            layer.kv_cache = cache((batch_size, cfg.n_heads, L, cfg.d_model // cfg.n_heads),
+                                   dtype or w.dtype, device or w.device)
+
 
 # -----------------------------------------------------------------------------
 # checkpoints: our own .pt files, official safetensors, folders
@@ -314,14 +336,17 @@ def data_vocab(folder, model=None) -> int:
     """The vocabulary size a prepared dataset (prepare.py, meta.json) was tokenized for; with a
     model, a CheckpointError unless the model speaks it (a pedal dataset needs a pedal model)."""
     meta = json.loads((Path(folder) / "meta.json").read_text())
-    size = {tokenizer.VOCAB_HASH: VOCAB_SIZE, tokenizer.PEDAL_VOCAB_HASH: tokenizer.PEDAL_VOCAB_SIZE}.get(meta["vocab_hash"])
+    sizes = {tokenizer.VOCAB_HASH: VOCAB_SIZE, tokenizer.PEDAL_VOCAB_HASH: tokenizer.PEDAL_VOCAB_SIZE}
+    size = sizes.get(meta["vocab_hash"])
     if size is None:
         raise CheckpointError(f"{folder} was tokenized with another vocabulary (hash {meta['vocab_hash']})")
     if model is not None and model.config.vocab_size != size:
         kinds = {VOCAB_SIZE: "the default vocabulary", tokenizer.PEDAL_VOCAB_SIZE: "the pedal vocabulary"}
+        speaks = model.config.vocab_size
+        flag = "without" if size > VOCAB_SIZE else "with"
         raise CheckpointError(f"{folder} holds {kinds[size]} ({size} ids) but the model speaks "
-                              f"{kinds.get(model.config.vocab_size, 'another')} ({model.config.vocab_size}): prepare "
-                              f"the data {'without' if size > VOCAB_SIZE else 'with'} --pedal, or use a matching model")
+                              f"{kinds.get(speaks, 'another')} ({speaks}): prepare the data {flag} --pedal, "
+                              "or use a matching model")
     return size
 
 
@@ -331,9 +356,10 @@ class CheckpointError(Exception):
 
 def _normalize_keys(sd: dict) -> dict:
     # compiled models add `_orig_mod.`; DDP/accelerate wrappers add one leading component
-    # (official convert_cp_from_safetensors strips it, SPEC B)
+    # (official aria/model.py convert_cp_from_safetensors strips it)
     sd = {k.replace("_orig_mod.", ""): v for k, v in sd.items()}
-    if "model.tok_embeddings.weight" not in sd and any(k.endswith(".model.tok_embeddings.weight") for k in sd):
+    wrapped = any(k.endswith(".model.tok_embeddings.weight") for k in sd)
+    if "model.tok_embeddings.weight" not in sd and wrapped:
         sd = {k.split(".", 1)[-1]: v for k, v in sd.items()}
     return sd
 
@@ -386,7 +412,8 @@ def _config_for(p: Path, ckpt: dict, sd: dict, overrides: dict) -> ModelConfig:
     include_pedal) only says which vocabulary the weights must have."""
     j = next((f for f in (p.with_suffix(".json"), p.parent / "config.json") if f.is_file()), None)
     try:
-        extra = json.loads(j.read_text()) if j is not None and not isinstance(ckpt.get("config"), dict) else {}
+        own = isinstance(ckpt.get("config"), dict)
+        extra = json.loads(j.read_text()) if j is not None and not own else {}
     except ValueError as e:
         raise CheckpointError(f"{j}: not a JSON config ({e})") from None
     rows = sd["model.tok_embeddings.weight"].shape[0] if "model.tok_embeddings.weight" in sd else VOCAB_SIZE
@@ -440,7 +467,10 @@ def load_model(path, device="cpu", dtype=torch.float32, strict=True, heads=None,
                       f"{vocab_hash(cfg.vocab_size)}; token ids may mean different things")
     try:
         with torch.device("meta"):  # no time or memory wasted on an init we overwrite
-            model = Q.quantize(Aria(cfg, heads), **ckpt.get("quantized") or {"mode": "none"})
+            model = Aria(cfg, heads)
+            if ckpt.get("quantized"):  # saved by quantize.py: the same layers, loaded as they are
+                import quantize
+                quantize.quantize(model, **ckpt["quantized"])
     except (ValueError, AssertionError) as e:
         raise CheckpointError(f"{p}: config does not make a model ({e})") from None
     expected = model.state_dict()
@@ -450,7 +480,8 @@ def load_model(path, device="cpu", dtype=torch.float32, strict=True, heads=None,
         raise CheckpointError(f"{p}: missing tensors {missing[:4]}{' ...' if len(missing) > 4 else ''}")
     unexpected = [k for k in sd if k not in expected and k.split(".")[0] not in HEAD_ATTRS.values()]
     if unexpected and strict:
-        raise CheckpointError(f"{p}: unexpected tensors {unexpected[:4]}{' ...' if len(unexpected) > 4 else ''}")
+        more = " ..." if len(unexpected) > 4 else ""
+        raise CheckpointError(f"{p}: unexpected tensors {unexpected[:4]}{more}")
     for k, t in expected.items():
         if k in sd and tuple(sd[k].shape) != tuple(t.shape):
             what = " (vocabulary size)" if k in ("model.tok_embeddings.weight", "lm_head.weight") else ""
@@ -502,183 +533,3 @@ def export_safetensors(model, path, dtype=None):
     cfg = {k: v for k, v in asdict(m.config).items() if v is not None}
     json_bytes = (json.dumps(cfg, indent=1) + "\n").encode()
     atomic_write(path.with_suffix(".json"), lambda f: f.write(json_bytes))
-
-
-# -----------------------------------------------------------------------------
-# small helpers for the training scripts (each script carries its own loop)
-
-
-def setup_distributed(device="auto", tf32=True):
-    """-> (rank, world_size, device). Under torchrun: NCCL on CUDA, gloo on CPU. On CUDA, float32
-    matmuls run in TF32 unless tf32=False (what runs under bf16 autocast is not affected)."""
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
-    if device.startswith("cuda") and not torch.cuda.is_available() or device == "mps" and not torch.backends.mps.is_available():
-        raise SystemExit(f"--device {device}: not available on this machine")  # one line, exit status 1
-    if device.startswith("cuda"):
-        torch.set_float32_matmul_precision("high" if tf32 else "highest")
-    if "RANK" not in os.environ:
-        return 0, 1, torch.device(device)
-    rank, world, local = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ.get("LOCAL_RANK", 0))
-    if device.startswith("cuda"):
-        torch.cuda.set_device(local)
-        device = f"cuda:{local}"
-    if not dist.is_initialized():
-        dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
-    return rank, world, torch.device(device)
-
-
-def autocast_dtype(name, device) -> torch.dtype | None:
-    """--dtype -> the autocast dtype, None for float32. auto: bfloat16 on CUDA (the paper's H100 runs),
-    float32 elsewhere. bfloat16 on CPU is CPU autocast: what CUDA will do, on CPU."""
-    return torch.bfloat16 if name == "bfloat16" or (name == "auto" and torch.device(device).type == "cuda") else None
-
-
-def configure_optimizer(model, lr=3e-4, weight_decay=0.1, betas=(0.9, 0.95), eps=1e-5, device_type="cpu"):
-    # official recipe (SPEC C.2): weight decay on *all* parameters, LayerNorm and
-    # embeddings included. The paper does not say; we keep the official behaviour.
-    params = [p for p in model.parameters() if p.requires_grad]
-    return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, betas=betas, eps=eps,
-                             fused=device_type == "cuda")
-
-
-def lr_at(step, lr, warmup, total, final_frac=0.1):
-    """Paper §4.1: linear warmup for `warmup` steps, then linear decay to final_frac*lr at
-    `total` (final_frac 0.1 for pretraining, 0 to anneal to zero)."""
-    if step < warmup:
-        return lr * (step + 1) / warmup
-    frac = min(1.0, (step - warmup) / max(1, total - warmup))
-    return lr * (1.0 - (1.0 - final_frac) * frac)
-
-
-# dense bf16 peak (no sparsity), matched as substrings of the device name, specific names first
-GPU_PEAK_BF16_FLOPS = {"H100 PCIe": 756e12, "H100 NVL": 835e12, "H100": 989e12, "H200": 989e12, "A100": 312e12}
-
-
-def flops_per_token(cfg: ModelConfig, seq_len: int, lm_head: bool = True) -> float:
-    """Training FLOPs per token, PaLM/nanoGPT convention: 6N + 12*L*d*T. N = non-embedding
-    parameters (the embedding is a lookup); the vocab-wide lm_head is counted, an emb/cls head
-    read at one position per sequence is not. 12*L*d*T: QK^T and AV, no causal halving."""
-    d, L = cfg.d_model, cfg.n_layers
-    n = L * (4 * d * d + 3 * cfg.ff_mult * d * d + 4 * d) + 2 * d + (d * cfg.vocab_size if lm_head else 0)
-    return 6 * n + 12 * L * d * seq_len
-
-
-def estimate_mfu(cfg: ModelConfig, seq_len: int, tokens_per_s: float, device_name=None, lm_head=True, peak=None):
-    """MFU in [0, 1] of one device at its own tokens_per_s; peak FLOP/s given or by name (else None: CPU, unknown GPUs)."""
-    if device_name is None and torch.cuda.is_available():
-        device_name = torch.cuda.get_device_name()
-    peak = peak or next((f for k, f in GPU_PEAK_BF16_FLOPS.items() if device_name and k.lower() in device_name.lower()), None)
-    return None if peak is None else flops_per_token(cfg, seq_len, lm_head) * tokens_per_s / peak
-
-
-class _HeadCE(torch.autograd.Function):
-    """Cross-entropy of F.linear(h, w) summed over the rows whose target is not <P>, chunk by chunk, with the gradients
-    from the same pass (no logits kept or recomputed); matmuls under the caller's autocast, softmax and loss in float32."""
-
-    @staticmethod
-    def forward(ctx, h, w, y, chunk, grad):
-        total, ctx.w_dtype, dh, dw = h.new_zeros((), dtype=torch.float32), w.dtype, torch.empty_like(h) if grad else None, 0
-        for i in range(0, len(y), chunk):
-            hc, yc, keep = h[i:i + chunk], y[i:i + chunk, None], y[i:i + chunk, None] != tokenizer.PAD_ID
-            logits = F.linear(hc, w)  # (n, V)
-            with torch.autocast(h.device.type, enabled=False):
-                logp = logits.float().log_softmax(-1)
-                total = total - (logp.gather(1, yc) * keep).sum()
-                if grad:  # d/dlogits = softmax - onehot(target), in place; rows of <P> targets masked below
-                    g = logp.exp_().scatter_add_(1, yc, torch.full_like(logp[:, :1], -1.0)).to(logits.dtype)
-            if grad:
-                dh[i:i + chunk], dw = (g @ w) * keep, dw + (g.T @ (hc * keep)).float()
-        ctx.save_for_backward(dh, dw if grad else None)
-        return total
-
-    @staticmethod
-    def backward(ctx, g):
-        dh, dw = ctx.saved_tensors
-        return dh * g, (dw * g).to(ctx.w_dtype), None, None, None
-
-
-class LMLoss(nn.Module):
-    """LMLoss(model)(batch (B, T+1) ids) -> F.cross_entropy(model(batch[:, :-1]).float(), batch[:, 1:]) without <P>
-    targets or the (B, T, V) logits (_HeadCE, 2048 positions a chunk: 145 MB). A module: DDP and compile wrap it whole."""
-
-    def __init__(self, model, chunk=2048):
-        super().__init__()
-        self.lm, self.chunk = model, chunk
-
-    def forward(self, batch):
-        h, y, w = self.lm.hidden(batch[:, :-1]).flatten(0, 1), batch[:, 1:].flatten(), self.lm.lm_head.weight  # (B*T, d)
-        grad = torch.is_grad_enabled() and (h.requires_grad or w.requires_grad)
-        return _HeadCE.apply(h, w, y, self.chunk, grad) / (y != tokenizer.PAD_ID).sum()
-
-
-def plan_batch(cfg, seq_len, batch, device, micro=0, grad_ckpt="auto", amp=True, lm_head=True, capacity=None):
-    """-> (micro-batch, checkpointing, bytes, a line saying so) for `batch` sequences per process and step:
-    the largest divisor of batch that fits 80% of the GPU (free + held by torch), without checkpointing
-    if one fits; a given micro (> 0) or grad_ckpt ("0"/"1") stays; CPU, MPS: the whole batch. Bytes: 16
-    a parameter (+2: autocast's bf16 copies); per token and layer 60·d kept for backward under bf16, 106·d
-    in float32 (58·d, 104·d counted: tests/test_model.py), 4·d checkpointed (+ one block); 2 x 2048 logits."""
-    if micro and batch % micro:
-        raise SystemExit(f"--micro_batch {micro} does not divide --batch_size {batch}")
-    if capacity is None and torch.device(device).type == "cuda":
-        capacity = torch.cuda.mem_get_info(device)[0] + torch.cuda.memory_reserved(device)
-    d, L, V, act = cfg.d_model, cfg.n_layers, cfg.vocab_size, 60 if amp else 106
-    fixed = (flops_per_token(cfg, 0, lm_head) // 6 + d * V) * (18 if amp else 16) + (2 * 2048 * V * 8 if lm_head else 0)
-    plans = {(ck, m): fixed + m * seq_len * d * (4 * L + 2 * act + 8 if ck else act * L + 8)
-             for ck in ([False, True] if grad_ckpt == "auto" else [grad_ckpt == "1"])
-             for m in ([micro] if micro else [m for m in range(batch, 0, -1) if batch % m == 0])}
-    ckpt, m = next((p for p, need in plans.items() if capacity is None or need <= 0.8 * capacity), list(plans)[-1])  # else OOM
-    fits = f"; estimated {plans[ckpt, m] / 2**30:.1f} of {capacity / 2**30:.1f} GiB" if capacity else ""
-    return m, ckpt, plans[ckpt, m], (f"micro-batches of {m} x {seq_len} ({batch // m} per step), "
-                                     f"activation checkpointing {'on' if ckpt else 'off'}{fits}")
-
-
-def stratified_split(names, labels, valid_frac=0.1, test_frac=0.1):
-    """Per class, files ordered by a hash of their CSV path (stable, independent of --seed): the first
-    round(test_frac * n) -> test, the next round(valid_frac * n) -> valid (at least 1 each if n >= 3)."""
-    out = ["train"] * len(names)
-    for c in sorted(set(labels)):
-        idx = sorted((i for i, l in enumerate(labels) if l == c), key=lambda i: hashlib.sha1(names[i].encode()).hexdigest())
-        k_test, k_valid = (max(round(f * len(idx)), int(f > 0 and len(idx) >= 3)) for f in (test_frac, valid_frac))
-        for j, i in enumerate(idx[:k_test + k_valid]):
-            out[i] = "test" if j < k_test else "valid"
-    return out
-
-
-class StepSampler(torch.utils.data.Sampler):
-    """This rank's sample indices from `step` on: micro-batch (step, micro) of rank r holds samples
-    ((step * accum + micro) * world + r) * B + [0, B). Datasets map an index g to its sample (epoch g // len,
-    shuffled by seed and epoch): a step's global batch is the same for any number of processes and micro-batches."""
-
-    def __init__(self, step, batch_size, accum, rank, world):
-        self.step, self.b, self.a, self.r, self.w = step, batch_size, accum, rank, world
-
-    def __iter__(self):
-        k = self.step * self.a  # micro-step k = step * accum + micro
-        while True:
-            yield from range((k * self.w + self.r) * self.b, (k * self.w + self.r + 1) * self.b)
-            k += 1
-
-
-PER_RUN_OPTIONS = {"resume", "stop_at", "device", "workers", "compile", "micro_batch", "grad_checkpoint", "peak_tflops"}
-
-
-def resume_args(args, parser, argv=None):
-    """With --resume, the settings saved in OUT/ckpt.pt come back; only options typed on this
-    command line override them (e.g. a longer --max_iters), and PER_RUN_OPTIONS (how to run a job,
-    not the run) are never restored: a run started on CPU may resume on a GPU."""
-    if not args.resume:
-        return args
-    ckpt_path = Path(args.out) / "ckpt.pt"
-    if not ckpt_path.is_file():
-        raise CheckpointError(f"{ckpt_path}: nothing to resume (no checkpoint in {args.out})")
-    # mmap: only the settings are read, not gigabytes of weights and optimizer moments
-    saved = torch.load(ckpt_path, map_location="cpu", weights_only=True, mmap=True).get("args", {})
-    argv = sys.argv[1:] if argv is None else argv
-    typed = {a.dest for a in parser._actions for s in a.option_strings if any(x == s or x.startswith(s + "=") for x in argv)}
-    if "grad_accum" in saved and not hasattr(args, "grad_accum"):  # batch_size was per micro-step before issue 21
-        saved["batch_size"] *= saved["grad_accum"]
-    for k, v in saved.items():
-        if k not in typed and k not in PER_RUN_OPTIONS and hasattr(args, k):
-            setattr(args, k, v)
-    return args

@@ -34,6 +34,7 @@ import torch
 
 import model as M
 import tokenizer as T
+import training as TR
 
 # python pretrain.py with no arguments: a few minutes on a laptop CPU. The tiny model trains
 # stably at 1e-3, which gets a demo this short much further than the paper's 3e-4 for medium.
@@ -83,7 +84,7 @@ def get_args(argv=None):
     if not argv:
         ap.set_defaults(**QUICKSTART)
     args = ap.parse_args(argv)
-    return M.resume_args(args, ap, argv)
+    return TR.resume_args(args, ap, argv)
 
 
 # -----------------------------------------------------------------------------
@@ -139,7 +140,7 @@ def next_token_loss(model, batch, autocast=contextlib.nullcontext()):
     """batch (B, T+1) ids -> mean next-token cross-entropy, <P> targets ignored. The forward runs
     under `autocast` (bf16 on CUDA); the loss is float32, outside it, chunked (model.LMLoss)."""
     with autocast:
-        return M.LMLoss(model)(batch)
+        return TR.LMLoss(model)(batch)
 
 
 # -----------------------------------------------------------------------------
@@ -149,9 +150,9 @@ def main():
         args = get_args()
     except M.CheckpointError as e:
         sys.exit(f"pretrain.py: {e}")
-    rank, world, device = M.setup_distributed(args.device)
+    rank, world, device = TR.setup_distributed(args.device)
     master, out = rank == 0, Path(args.out)
-    amp = M.autocast_dtype(args.dtype, device)
+    amp = TR.autocast_dtype(args.dtype, device)
     autocast = torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None)
 
     # model: the preset, widened to --seq_len if that is longer than its context; micro-batches
@@ -165,7 +166,7 @@ def main():
     except M.CheckpointError as e:
         sys.exit(f"pretrain.py: {e}")
     model = M.Aria(M.replace(cfg, max_seq_len=max(cfg.max_seq_len, args.seq_len), vocab_size=vocab)).to(device)
-    micro, model.config.grad_checkpoint, _, plan = M.plan_batch(model.config, args.seq_len, args.batch_size, device,
+    micro, model.config.grad_checkpoint, _, plan = TR.plan_batch(model.config, args.seq_len, args.batch_size, device,
                                                              args.micro_batch, args.grad_checkpoint, amp is not None)
     accum = args.batch_size // micro
     per_step = args.batch_size * world
@@ -180,7 +181,7 @@ def main():
               f"({args.max_iters * per_step / len(train_set):.2f} epochs); per process {plan}")
 
     # optimizer; --resume restores weights, optimizer moments, step and RNG (data order needs only the step)
-    opt = M.configure_optimizer(model, args.lr, args.weight_decay, device_type=device.type)
+    opt = TR.configure_optimizer(model, args.lr, args.weight_decay, device_type=device.type)
     step = 0
     if args.resume:
         ckpt = M.load_checkpoint(out / "ckpt.pt")
@@ -196,7 +197,7 @@ def main():
     # cross-entropy) as one module: under torchrun DDP wraps it, then torch.compile wraps DDP, so that
     # compile splits the backward at DDP's buckets and their all-reduce overlaps the rest of backward
     raw, ddp = model, None
-    model = M.LMLoss(raw)
+    model = TR.LMLoss(raw)
     if torch.distributed.is_initialized():
         model = ddp = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
     if device.type == "cuda" and args.compile:
@@ -229,10 +230,10 @@ def main():
         if device.type == "cuda":
             torch.cuda.synchronize(device)
 
-    # the loader yields this rank's micro-batches from `step` on (M.StepSampler); its own
+    # the loader yields this rank's micro-batches from `step` on (TR.StepSampler); its own
     # generator, so that starting it does not draw from the restored global RNG
     loader = torch.utils.data.DataLoader(
-        train_set, batch_size=micro, sampler=M.StepSampler(step, micro, accum, rank, world),
+        train_set, batch_size=micro, sampler=TR.StepSampler(step, micro, accum, rank, world),
         num_workers=args.workers, pin_memory=device.type == "cuda", persistent_workers=args.workers > 0,
         generator=torch.Generator().manual_seed(0))
     batches = iter(loader)
@@ -244,7 +245,7 @@ def main():
     t_mark, busy, n_steps = time.time(), 0.0, 0
     model.train()
     while step < stop:
-        lr = M.lr_at(step, args.lr, args.warmup, args.max_iters, args.final_lr_frac)
+        lr = TR.lr_at(step, args.lr, args.warmup, args.max_iters, args.final_lr_frac)
         for group in opt.param_groups:
             group["lr"] = lr
         loss_sum = torch.zeros((), device=device)
@@ -254,7 +255,7 @@ def main():
                 if ddp is not None:  # under torchrun: all-reduce gradients in the last micro-step's backward only
                     ddp.require_backward_grad_sync = i == accum - 1
                 with autocast:
-                    loss = model(batch)  # float32 (M.LMLoss)
+                    loss = model(batch)  # float32 (TR.LMLoss)
                 (loss / accum).backward()
                 loss_sum += loss.detach() / accum
             if args.grad_clip:
@@ -280,7 +281,7 @@ def main():
             rec = {"step": step, "loss": round(loss, 6), "lr": float(f"{lr:.3e}")}
             if n_steps:  # tokens/s and MFU of one process (one GPU): its own share of the batch
                 tok_s = n_steps * args.batch_size * args.seq_len / busy
-                mfu = M.estimate_mfu(raw.config, args.seq_len, tok_s, peak=args.peak_tflops * 1e12) \
+                mfu = TR.estimate_mfu(raw.config, args.seq_len, tok_s, peak=args.peak_tflops * 1e12) \
                     if device.type == "cuda" or args.peak_tflops else None
                 rec.update(ms=round(1e3 * busy / n_steps, 1), tok_s=round(tok_s),
                            **({"mfu": round(mfu, 4)} if mfu else {}))

@@ -1,5 +1,5 @@
 """
-Weight quantization for sampling (sample.py / bench.py / live.py --quantize): the blocks' linears
+Quantization for sampling. Weights (sample.py / bench.py / live.py --quantize): the blocks' linears
 and the LM head of an Aria model (model.py) stored as int8, one scale per output channel, or int4,
 a scale and offset per group of inputs, as gpt-fast does. Decoding one token streams every weight
 once, so on a CPU the step time is the bytes read: 4x fewer at int8, 8x fewer at int4.
@@ -12,7 +12,11 @@ Which kernel runs is chosen by measurement (README, Performance): on CPU, int8 g
 dynamic int8 x int8 kernel (it also quantizes the activations, per row; VNNI) and int4 through
 `_weight_int4pack_mm_for_cpu` (bf16 activations). Elsewhere (CUDA, MPS) a QLinear multiplies by its
 dequantized weight, which torch.compile fuses (not yet measured on a GPU).
+
+The KV cache (--kv, CompactKVCache): bf16, or int8 with a scale per token and head, so a decode
+step at a long context reads a half or a quarter of float32's bytes.
 """
+import os
 import warnings
 
 import torch
@@ -145,3 +149,98 @@ def quantize(model, mode, group_size=64):
         setattr(parent, name, q if lin.weight.is_meta else q.quantize_(lin.weight))
     model.quantized = {"mode": mode, "group_size": group_size}
     return model.eval()
+
+
+# -----------------------------------------------------------------------------
+# The KV cache
+
+
+class CompactKVCache:
+    """A KV cache stored in fewer bytes than the model computes in: bf16/fp16, or int8 with one
+    float32 scale per token and head (each 64-value row to its own range: llama.cpp's q8_0 cache,
+    vLLM's fp8 cache), a quarter of float32's bytes. A prefill attends over the dequantized
+    prefix in float32; a decode step goes through attend_one, which reads the stored bytes once
+    (dequantizing inside the dot products, compiled on CPU)."""
+    compact = True
+
+    def __init__(self, shape, dtype, device):
+        self.k = torch.zeros(shape, dtype=dtype, device=device)
+        self.v = torch.zeros_like(self.k)
+        self.rows = torch.arange(shape[0], device=device)[:, None]  # (B, 1)
+        self.int8 = dtype == torch.int8
+        if self.int8:
+            self.k_scale = torch.zeros(shape[:3], device=device)  # (B, H, L)
+            self.v_scale = torch.zeros_like(self.k_scale)
+
+    def bytes_per_slot(self) -> int:
+        """Bytes one cached position takes (K and V with their scales, every row and head)."""
+        B, H, _, Dh = self.k.shape
+        return 2 * B * H * (Dh * self.k.element_size() + (4 if self.int8 else 0))
+
+    def _store(self, dst, scale, pos, x):
+        """x (B, H, T, Dh) into dst at pos: an int s (every row at s..s+T-1: a slice copy) or a (B, T)
+        tensor (index_put_ over (B, T) -> (B, T, H, Dh)). Both stay in place under torch.compile
+        (scatter_ would copy the whole cache)."""
+        if self.int8:
+            s = x.float().abs().amax(-1).clamp_min(1e-12) / 127  # (B, H, T)
+            x = torch.round(x.float() / s[..., None]).to(torch.int8)
+        if isinstance(pos, int):
+            dst[:, :, pos:pos + x.shape[2]] = x
+            if self.int8:
+                scale[:, :, pos:pos + x.shape[2]] = s
+        else:
+            dst[self.rows, :, pos] = x.transpose(1, 2).to(dst.dtype)
+            if self.int8:
+                scale[self.rows, :, pos] = s.transpose(1, 2)
+
+    def update(self, pos, k, v, kv_len):
+        """Write k, v (B, H, T, Dh) at pos; -> the first kv_len slots of each, dequantized to float32
+        (a prefill: computing in float32 costs nothing there, and what is stored stays compact)."""
+        self._store(self.k, getattr(self, "k_scale", None), pos, k)
+        self._store(self.v, getattr(self, "v_scale", None), pos, v)
+        if self.int8:
+            return (self.k[:, :, :kv_len].float() * self.k_scale[:, :, :kv_len, None],
+                    self.v[:, :, :kv_len].float() * self.v_scale[:, :, :kv_len, None])
+        return self.k[:, :, :kv_len].float(), self.v[:, :, :kv_len].float()
+
+    def attend_one(self, q, pos, k, v, kv_len, mask=None):
+        """One query per row on a compact cache: write k, v (B, H, 1, Dh) at pos, then attention of
+        q (B, H, 1, Dh) over the first kv_len slots (mask (B, 1, 1, kv_len) or None) -> (B, H, 1, Dh)
+        float32, reading each stored byte once."""
+        self._store(self.k, getattr(self, "k_scale", None), pos, k)
+        self._store(self.v, getattr(self, "v_scale", None), pos, v)
+        scales = (self.k_scale[:, :, :kv_len], self.v_scale[:, :, :kv_len]) if self.int8 else (None, None)
+        return _attend_one(q.float(), self.k[:, :, :kv_len], self.v[:, :, :kv_len], *scales, mask)
+
+
+def _attend_one_eager(q, k, v, k_scale, v_scale, mask):
+    """softmax(q k^T / sqrt(Dh)) v for q (B, H, 1, Dh), dequantizing as it reads: per token and
+    head scales multiply the scores (keys) and the probabilities (values), so the int8 values
+    themselves are never scaled into a float copy. Float32 arithmetic throughout."""
+    s = (k.float() * q).sum(-1) * q.shape[-1] ** -0.5  # (B, H, L)
+    if k_scale is not None:
+        s = s * k_scale
+    if mask is not None:
+        s = s.masked_fill(~mask[:, :, 0], float("-inf"))
+    p = torch.softmax(s, -1)
+    if v_scale is not None:
+        p = p * v_scale
+    return (p[..., None] * v.float()).sum(-2, keepdim=True)  # (B, H, 1, Dh)
+
+
+_COMPILED = {}
+
+
+def _attend_one(q, k, v, k_scale, v_scale, mask):
+    """_attend_one_eager, compiled by inductor on CPU: its C++ loops read the compact cache once,
+    where the eager ops write and read float copies. Eager elsewhere, with ARIA_KV_COMPILE=0, or
+    when compiling fails (no C++ compiler: one warning, once)."""
+    if q.device.type == "cpu" and os.environ.get("ARIA_KV_COMPILE", "1") != "0" and "off" not in _COMPILED:
+        fn = _COMPILED.setdefault("fn", torch.compile(_attend_one_eager, dynamic=True))
+        try:
+            return fn(q, k, v, k_scale, v_scale, mask)
+        except Exception as e:  # a missing compiler shows up only at the first call
+            _COMPILED["off"] = True
+            warnings.warn(f"compact KV cache: compiled attention unavailable ({type(e).__name__}); "
+                          "decoding with eager ops (slower)")
+    return _attend_one_eager(q, k, v, k_scale, v_scale, mask)

@@ -39,6 +39,8 @@ from pathlib import Path
 import torch
 
 import model as M
+import training as TR
+
 
 ROOT = Path(__file__).resolve().parent
 
@@ -105,7 +107,7 @@ def parse_task(spec):
     if not rows or "path" not in rows[0] or label_col not in rows[0] or len(parts) == 3 and not has_split:
         raise Fail(f"{path}: needs columns path, {label_col!r}" + (f" and {split_col!r}" if len(parts) == 3 else ""))
     # no split column: the stages split as finetune_cls.py does (the same files in every stage)
-    splits = [r[split_col] for r in rows] if has_split else M.stratified_split([r["path"].strip() for r in rows],
+    splits = [r[split_col] for r in rows] if has_split else TR.stratified_split([r["path"].strip() for r in rows],
                                                                                  [r[label_col].strip() for r in rows])
     name = path.parent.name if path.stem in ("labels", "labels_splits") else path.stem
     return dict(name=name, csv=str(path), label_col=label_col, split_col=split_col, classes=len({r[label_col] for r in rows}),

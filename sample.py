@@ -1,6 +1,6 @@
 """
-Sample piano continuations from an Aria language model (paper §4: 45-second
-continuations of 15-second prompts; official behaviour in SPEC §D.1-D.3).
+Sample piano continuations from an Aria language model (paper §4: 45-second continuations of
+15-second prompts). "Official" below means EleutherAI/aria @ b0486c8, aria/inference/.
 
     python sample.py prompt.mid --ckpt model.safetensors   # official aria-medium-gen (+ model.json beside it)
     python sample.py prompt.mid                             # latest checkpoint in out/pretrain
@@ -8,23 +8,12 @@ continuations of 15-second prompts; official behaviour in SPEC §D.1-D.3).
     python sample.py prompt.mid --end --plot --continuation_only
     python sample.py prompt.mid --quantize int8 --stream --port "Synth"   # a CPU, heard as it is written
 
-Writes OUT/<prompt stem>_<i>.mid (prompt + continuation; with --continuation_only
-the continuation alone, moved to start at 0 s) and OUT/<prompt stem>_<i>.json
-(every setting, the checkpoint, token counts, tokens/s) for i = 1..--variations.
-
-What it does, top to bottom:
-- prompt (SPEC §D.1): the notes starting in the first --prompt_seconds (tokenizer.prompt).
-- model (SPEC §D.2): static KV cache, one prefill, then one decode step per token for all
-  variations at once (bf16 on CUDA), attention reading only the filled cache; --cuda_graph
-  records the step once per 256 cache slots read and replays it.
-- sampling (SPEC §D.3): temperature, top-k, top-p, min-p (official default: drop tokens
-  below min_p x the most likely one), then a draw seeded by --seed; temperature 0 is greedy.
-  --end is the official force_end: in the last 130 positions the first token at an event
-  boundary becomes <D>, the ending cue of the generative finetune (paper §3.2).
-- grammar (ours, not official): only tokens that can legally come next in an Aria body,
-  so every sample decodes; pedal events where the model speaks the pedal vocabulary.
-- live: --stream prints notes as decoded, --port plays them (live.py), --seconds ends by music
-  time; --quantize stores the weights as int8/int4 (quantize.py).
+Writes OUT/<prompt stem>_<i>.mid (prompt + continuation; --continuation_only: the continuation
+alone, from 0 s) and OUT/<prompt stem>_<i>.json (settings, checkpoint, counts, ids, tokens/s).
+Top to bottom: the grammar (ours: only tokens that can legally come next, so every sample
+decodes), the draw (official sample_cuda.py: temperature, top-k, top-p, min-p), decoding in
+gpt-fast's shape (prefill, one step, the loop; static KV cache as official model_cuda.py), the
+CUDA-graph/compile plumbing, output, the CLI (shared with live.py).
 """
 import argparse
 import functools
@@ -45,7 +34,7 @@ import quantize as Q
 import tokenizer as T
 
 DEFAULT_CKPT = "out/pretrain"   # where the README quick start `python pretrain.py` trains into
-FORCE_END_WINDOW = 130          # SPEC §D.3 force_end: the last 130 positions
+FORCE_END_WINDOW = 130          # official force_end (sample_cuda.py): the last 130 positions
 CHECK_DONE_EVERY = 64           # steps between "all rows finished?" checks (a host sync)
 KV_BUCKET = 256                 # cache slots read per step rounded up to this under CUDA graphs / compile
 # --seconds with --end: <D> comes END_CUE_TOKENS before the end, at the row's own ms per token so
@@ -53,6 +42,7 @@ KV_BUCKET = 256                 # cache slots read per step rounded up to this u
 END_CUE_TOKENS = 100            # as the generative finetune placed <D> (paper §3.2)
 PRIOR_TOKENS = 50
 PRIOR_MS_PER_TOKEN = 33
+KV_AUTO_QUANTIZED = "int8"      # --kv auto with quantized weights: the compact cache measured fastest
 
 # -----------------------------------------------------------------------------
 # The token grammar. A body (after `prefix <S>`) is  (event | <T> | <D>)* <E>  with
@@ -398,11 +388,11 @@ def generate(model, prompts, n_variations=1, length=2048, sampling=None, *, devi
 
 
 def _ensure_cache(model, batch, length, dtype, device, keep=False):
-    # reuse KV buffers that fit (compiled code keeps pointing at them; a longer cache may hold a
-    # prefill, `keep`); attention reads only the filled slots, stale ones are overwritten first
+    # reuse KV buffers that fit, whatever they store (setup_cache's dtype: --kv); compiled code
+    # keeps pointing at them and a longer cache may hold a prefill (`keep`); attention reads only
+    # the filled slots, stale ones are overwritten first
     kv = model.model.encode_layers[0].kv_cache
-    fits = kv is not None and (kv.k.shape[0], kv.k.dtype, kv.k.device) == (batch, dtype, device)
-    if fits and kv.k.shape[2] >= length:
+    if kv is not None and (kv.k.shape[0], kv.k.device) == (batch, device) and kv.k.shape[2] >= length:
         return
     if keep:
         raise ValueError("prefilled: the model's KV cache does not hold that prefill (call setup_cache first)")
@@ -583,8 +573,12 @@ def add_model_args(ap):
                     help="weights and KV cache; auto: bfloat16 on CUDA, float32 elsewhere")
     ap.add_argument("--quantize", default="none", choices=["none", "int8", "int4"],
                     help="weights of the blocks and LM head at load: int8 per output channel, int4 in groups; "
-                         "CPU: about 4x faster decoding (README, Performance); elsewhere dequantized in the matmul")
+                         "CPU: about 4x faster decoding (docs/performance.md); elsewhere dequantized in the matmul")
     ap.add_argument("--group_size", type=int, default=64, help="int4: inputs per scale and offset")
+    ap.add_argument("--kv", default="auto", choices=["auto", "float32", "bfloat16", "int8"],
+                    help="what the KV cache stores: auto = the weights' dtype (exact) for float weights, "
+                         f"{KV_AUTO_QUANTIZED} with --quantize (measured fastest: docs/performance.md); "
+                         "int8 keeps a scale per token and head")
     ap.add_argument("--threads", type=int, default=0,
                     help="torch CPU threads; 0 = torch's default (on a busy 2-core machine 1 is often faster)")
     ap.add_argument("--compile", action="store_true",
@@ -673,6 +667,14 @@ def pick_device(name):
     return name
 
 
+def kv_dtype(name, model):
+    """--kv -> the KV cache's dtype: the weights' own unless asked (or auto with quantized weights,
+    whose tokens change anyway)."""
+    if name == "auto":
+        name = KV_AUTO_QUANTIZED if getattr(model, "quantized", None) else None
+    return getattr(torch, name) if name else model.model.tok_embeddings.weight.dtype
+
+
 def pick_dtype(name, device):
     if name == "auto":
         return torch.bfloat16 if device == "cuda" and torch.cuda.is_bf16_supported() else torch.float32
@@ -750,7 +752,8 @@ def run(argv=None):
     log(f"prompt: {what}: {len(ids)} tokens, {len(T.detokenize_notes(ids)[0])} notes")
     log(f"model: {ckpt_path}, {model.num_params() / 1e6:.1f}M parameters, {device} "
           f"{str(dtype).replace('torch.', '')}" + (", pedal tokens" if model.pedal else "")
-          + (f", {a.quantize} weights" if a.quantize != "none" else ""))
+          + (f", {a.quantize} weights" if a.quantize != "none" else "")
+          + f", {str(kv_dtype(a.kv, model)).replace('torch.', '')} KV cache")
     length = min(a.length, model.config.max_seq_len - len(ids))
     if length < 1:
         raise Fail(f"the prompt has {len(ids)} tokens, the model's context is {model.config.max_seq_len}; "
@@ -759,6 +762,7 @@ def run(argv=None):
         log(f"note: --length {a.length} capped at {length} (context {model.config.max_seq_len} "
               f"minus the {len(ids)}-token prompt)")
 
+    model.setup_cache(a.variations, len(ids) + length, dtype=kv_dtype(a.kv, model), device=device)
     stats, gpu, on_step, finish = {}, device == "cuda", None, None
     if a.stream or a.port:  # notes as they are decoded: JSON lines, the first row played in real time
         try:
@@ -795,8 +799,7 @@ def run(argv=None):
                 "device": stats["device"], "dtype": stats["dtype"], "length": length,
                 "settings": vars(a), "ids": row,
             }
-            text = json.dumps({**side, "ids": None}, indent=1).replace('"ids": null', f'"ids": {json.dumps(row)}')
-            M.atomic_write(f"{stem}.json", lambda f: f.write((text + "\n").encode()))
+            M.atomic_write(f"{stem}.json", lambda f: f.write(json.dumps(side).encode() + b"\n"))
             written = [f"{stem}.mid", f"{stem}.json"]
             if a.plot and plot_roll(old, new, f"{stem}.png", f"{name} #{i} (seed {a.seed})"):
                 written.append(f"{stem}.png")

@@ -31,6 +31,7 @@ import model as M  # noqa: E402
 import quantize as Q  # noqa: E402
 import sample as S  # noqa: E402
 import tokenizer as T  # noqa: E402
+import training as TR  # noqa: E402
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
@@ -279,9 +280,9 @@ def test_tf32_embeddings_are_close_to_float32(tmp_path):
     mid = tmp_path / "a.mid"
     T.detokenize(piano_prompt(120)).save(mid)
     try:
-        M.setup_distributed("cuda", tf32=False)
+        TR.setup_distributed("cuda", tf32=False)
         exact = E.embed_files(m, [str(mid)])[0]
-        M.setup_distributed("cuda", tf32=True)
+        TR.setup_distributed("cuda", tf32=True)
         assert torch.backends.cuda.matmul.allow_tf32
         tf32 = E.embed_files(m, [str(mid)])[0]
     finally:
@@ -296,7 +297,7 @@ def test_chunked_loss_matches_the_full_one_under_bf16():
     batch = torch.randint(T.NOTE_START, T.VOCAB_SIZE, (2, 4097), device="cuda")
     res = []
     for fn in (lambda: torch.nn.functional.cross_entropy(lm(batch[:, :-1]).float().flatten(0, 1), batch[:, 1:].flatten()),
-               lambda: M.LMLoss(lm)(batch)):
+               lambda: TR.LMLoss(lm)(batch)):
         lm.zero_grad()
         with torch.autocast("cuda", dtype=torch.bfloat16):
             loss = fn()
@@ -372,10 +373,10 @@ def test_torchrun_nccl_one_gpu_compiled_ddp_logs_mfu(script, stage_inputs, tmp_p
     recs = [d for d in log_records(out) if "tok_s" in d]
     assert recs and all(0 < d["mfu"] < 1 for d in recs), recs
     name = torch.cuda.get_device_name()
-    if any(k.lower() in name.lower() for k in M.GPU_PEAK_BF16_FLOPS):
+    if any(k.lower() in name.lower() for k in TR.GPU_PEAK_BF16_FLOPS):
         seq = 128 if script == "finetune_cls.py" else 256
         cfg = M.load_model(out).config
-        want = M.estimate_mfu(cfg, seq, recs[-1]["tok_s"], name, lm_head=script != "finetune_cls.py")
+        want = TR.estimate_mfu(cfg, seq, recs[-1]["tok_s"], name, lm_head=script != "finetune_cls.py")
         assert recs[-1]["mfu"] == pytest.approx(want, rel=1e-2, abs=1e-4)  # one GPU's rate over one GPU's peak
 
 

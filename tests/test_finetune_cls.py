@@ -20,6 +20,7 @@ sys.path.insert(0, str(ROOT))
 import finetune_cls as FC  # noqa: E402
 import model as M  # noqa: E402
 import tokenizer as T  # noqa: E402
+import training as TR  # noqa: E402
 
 PIANIST8 = ROOT.parent / "shared" / "data" / "pianist8"
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONHASHSEED": "0", "PYTHONWARNINGS": "ignore"}
@@ -215,12 +216,12 @@ def test_balanced_subset():
 def test_stratified_split():
     names = [f"f{i}.mid" for i in range(43)]
     labels = ["x"] * 30 + ["y"] * 10 + ["z"] * 3
-    s = M.stratified_split(names, labels, 0.1, 0.1)
+    s = TR.stratified_split(names, labels, 0.1, 0.1)
     per = {c: Counter(sp for sp, l in zip(s, labels) if l == c) for c in "xyz"}
     assert per["x"] == {"train": 24, "valid": 3, "test": 3} and per["y"] == {"train": 8, "valid": 1, "test": 1}
     assert per["z"] == {"train": 1, "valid": 1, "test": 1}
     # a file's split depends on its own name, not on the other rows
-    s2 = M.stratified_split(names[:30] + ["new.mid"] + names[30:], labels[:30] + ["x"] + labels[30:], 0.1, 0.1)
+    s2 = TR.stratified_split(names[:30] + ["new.mid"] + names[30:], labels[:30] + ["x"] + labels[30:], 0.1, 0.1)
     assert sum(a != b for a, b in zip(s[:30], s2[:30])) <= 2
 
 

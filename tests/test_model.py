@@ -15,6 +15,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 import model as M  # noqa: E402
+import training as TR  # noqa: E402
 
 SHARED = ROOT.parent / "shared"
 GOLDEN = SHARED / "aria" / "golden" / "model"
@@ -192,7 +193,7 @@ def test_compile_fullgraph_no_graph_breaks():
 
 def test_save_load_roundtrip_and_extra_state(tmp_path):
     m = random_model(heads=("lm", "adapter"), emb_size=8)
-    opt = M.configure_optimizer(m, lr=1e-3)
+    opt = TR.configure_optimizer(m, lr=1e-3)
     ids = torch.randint(0, 97, (2, 12))
     m.train()
     m(ids).float().mean().backward()
@@ -422,7 +423,7 @@ def test_chunked_lm_loss_equals_the_full_one():
     res = []
     for fn in (lambda: torch.nn.functional.cross_entropy(m(batch[:, :-1]).float().flatten(0, 1), batch[:, 1:].flatten(),
                                                          ignore_index=M.tokenizer.PAD_ID),
-               lambda: M.LMLoss(m, chunk=128)(batch)):  # 900 positions: 8 chunks, the last one short
+               lambda: TR.LMLoss(m, chunk=128)(batch)):  # 900 positions: 8 chunks, the last one short
         m.zero_grad()
         loss = fn()
         loss.backward()
@@ -432,12 +433,12 @@ def test_chunked_lm_loss_equals_the_full_one():
     for k in g0:
         assert ((g1[k] - g0[k]).norm() / g0[k].norm()).item() < 1e-5, k
     with torch.no_grad():  # evaluation: no recompute bookkeeping, the same value
-        assert abs(M.LMLoss(m, chunk=128)(batch) - l0) / l0 < 1e-6
+        assert abs(TR.LMLoss(m, chunk=128)(batch) - l0) / l0 < 1e-6
     # what the chunking is for: the kept activations no longer hold (N, V) float32 logits
     big = random_model(n_layers=1, vocab_size=4000, max_seq_len=1024).train()
     ids = torch.randint(6, 4000, (1, 1025))
     full, _ = saved_bytes(big, lambda: torch.nn.functional.cross_entropy(big(ids[:, :-1]).float().flatten(0, 1), ids[:, 1:].flatten()))
-    chunked, _ = saved_bytes(big, lambda: M.LMLoss(big, chunk=128)(ids))
+    chunked, _ = saved_bytes(big, lambda: TR.LMLoss(big, chunk=128)(ids))
     trunk, _ = saved_bytes(big, lambda: big.hidden(ids[:, :-1]))
     # chunked keeps the trunk's activations and the head's gradients (dh (N, d), dw (V, d)), not (N, V)
     assert full >= trunk + 1024 * 4000 * 4 and chunked <= trunk + (1024 + 4000) * 64 * 4 + 1024 * 8, (trunk, full, chunked)
@@ -449,12 +450,12 @@ def test_chunked_lm_loss_compiles_as_one_graph():
     torch._dynamo.reset()
     m = random_model(n_layers=2).train()
     batch = torch.randint(6, 97, (2, 200), generator=torch.Generator().manual_seed(2))
-    ref = M.LMLoss(m, chunk=128)(batch)
+    ref = TR.LMLoss(m, chunk=128)(batch)
     ref.backward()
     g0 = {k: q.grad.clone() for k, q in m.named_parameters()}
     for backend in ("eager", "aot_eager"):
         m.zero_grad()
-        loss = torch.compile(M.LMLoss(m, chunk=128), backend=backend, fullgraph=True)(batch)
+        loss = torch.compile(TR.LMLoss(m, chunk=128), backend=backend, fullgraph=True)(batch)
         loss.backward()
         assert abs(loss.item() - ref.item()) < 1e-6 and all(torch.allclose(q.grad, g0[k], atol=1e-6) for k, q in m.named_parameters())
     torch._dynamo.reset()
@@ -473,7 +474,7 @@ def test_plan_batch_arithmetic_covers_what_autograd_keeps(amp):
                 kept[L] = {T: saved_bytes(m, lambda: m.hidden(torch.randint(6, 1000, (1, T))))[0] for T in (128, 256)}
         per_token_layer = ((kept[2][256] - kept[1][256]) - (kept[2][128] - kept[1][128])) / 128
         cfg = M.ModelConfig(d_model=d, n_heads=heads, n_layers=1)
-        need = lambda T, ck: M.plan_batch(cfg, T, 1, "cpu", 1, ck, amp)[2]  # noqa: E731  bytes for 1 x T tokens
+        need = lambda T, ck: TR.plan_batch(cfg, T, 1, "cpu", 1, ck, amp)[2]  # noqa: E731  bytes for 1 x T tokens
         model_says = need(1, "0") - need(0, "0") - 8 * d
         assert per_token_layer <= model_says <= 1.15 * per_token_layer, (d, per_token_layer, model_says)
         assert need(1, "1") - need(0, "1") >= per_token_layer  # checkpointed: one block is recomputed at a time
@@ -481,7 +482,7 @@ def test_plan_batch_arithmetic_covers_what_autograd_keeps(amp):
 
 def test_plan_batch_reaches_the_papers_batch_with_micro_batches_that_fit():
     med, gib = M.PRESETS["medium"], 2**30
-    plan = lambda cap, **kw: M.plan_batch(med, 8192, 16, "cpu", capacity=cap * gib, **kw)[:2]  # noqa: E731
+    plan = lambda cap, **kw: TR.plan_batch(med, 8192, 16, "cpu", capacity=cap * gib, **kw)[:2]  # noqa: E731
     assert plan(79) == (4, False)    # H100 80 GB: 4 micro-batches of 4, no recompute
     assert plan(139) == (8, False)   # H200
     assert plan(39) == (1, False)    # A100 40 GB
@@ -489,12 +490,12 @@ def test_plan_batch_reaches_the_papers_batch_with_micro_batches_that_fit():
     assert plan(79, micro=2) == (2, False) and plan(79, grad_ckpt="1") == (16, True) and plan(79, grad_ckpt="0", micro=16) == (16, False)
     assert plan(4) == (1, True)      # nothing fits: the smallest (and an out-of-memory error will say what to change)
     for cap in (79, 139, 39, 22):
-        assert M.plan_batch(med, 8192, 16, "cpu", capacity=cap * gib)[2] <= 0.8 * cap * gib
-    assert M.plan_batch(med, 8192, 16, "cpu")[:2] == (16, False)  # no memory figure: the whole batch
-    assert "micro-batches of 4 x 8192 (4 per step), activation checkpointing off; estimated" in M.plan_batch(
+        assert TR.plan_batch(med, 8192, 16, "cpu", capacity=cap * gib)[2] <= 0.8 * cap * gib
+    assert TR.plan_batch(med, 8192, 16, "cpu")[:2] == (16, False)  # no memory figure: the whole batch
+    assert "micro-batches of 4 x 8192 (4 per step), activation checkpointing off; estimated" in TR.plan_batch(
         med, 8192, 16, "cpu", capacity=79 * gib)[3]
     with pytest.raises(SystemExit, match="does not divide"):
-        M.plan_batch(med, 8192, 16, "cpu", micro=3)
+        TR.plan_batch(med, 8192, 16, "cpu", micro=3)
 
 
 def test_cnd_training_touches_adapter():
@@ -509,21 +510,21 @@ def test_perf_helpers():
     med = M.PRESETS["medium"]
     with torch.device("meta"):
         n = M.Aria(med).num_params(exclude_embedding=True)
-    assert M.flops_per_token(med, 8192) == 6 * n + 12 * 16 * 1536 * 8192
-    assert M.flops_per_token(med, 8192, lm_head=False) == 6 * (n - 1536 * M.VOCAB_SIZE) + 12 * 16 * 1536 * 8192
-    f = M.flops_per_token(med, 8192)
-    assert M.estimate_mfu(med, 8192, 1e4, "NVIDIA H100 80GB HBM3") == pytest.approx(f * 1e4 / 989e12)
-    assert M.estimate_mfu(med, 8192, 1e4, "NVIDIA H100 PCIe") == pytest.approx(f * 1e4 / 756e12)
-    assert M.estimate_mfu(med, 8192, 1e4, "cpu") is None
-    assert M.estimate_mfu(med, 8192, 1e4, "NVIDIA A100-SXM4-80GB") == pytest.approx(f * 1e4 / 312e12)
-    opt = M.configure_optimizer(random_model(), lr=3e-4)
+    assert TR.flops_per_token(med, 8192) == 6 * n + 12 * 16 * 1536 * 8192
+    assert TR.flops_per_token(med, 8192, lm_head=False) == 6 * (n - 1536 * M.VOCAB_SIZE) + 12 * 16 * 1536 * 8192
+    f = TR.flops_per_token(med, 8192)
+    assert TR.estimate_mfu(med, 8192, 1e4, "NVIDIA H100 80GB HBM3") == pytest.approx(f * 1e4 / 989e12)
+    assert TR.estimate_mfu(med, 8192, 1e4, "NVIDIA H100 PCIe") == pytest.approx(f * 1e4 / 756e12)
+    assert TR.estimate_mfu(med, 8192, 1e4, "cpu") is None
+    assert TR.estimate_mfu(med, 8192, 1e4, "NVIDIA A100-SXM4-80GB") == pytest.approx(f * 1e4 / 312e12)
+    opt = TR.configure_optimizer(random_model(), lr=3e-4)
     assert isinstance(opt, torch.optim.AdamW) and opt.defaults["weight_decay"] == 0.1
     assert len(opt.param_groups) == 1  # official: weight decay on every parameter
     assert M.ModelConfig.from_dict({"d_model": 8, "n_heads": 2, "n_layers": 1, "foo": 1}).d_model == 8
-    assert [M.lr_at(s, 1.0, 10, 110) for s in (0, 9, 10, 60, 110, 200)] == pytest.approx([0.1, 1, 1, 0.55, 0.1, 0.1])
-    assert M.lr_at(110, 1.0, 10, 110, final_frac=0.0) == 0.0
-    assert M.autocast_dtype("auto", "cpu") is None and M.autocast_dtype("bfloat16", "cpu") == torch.bfloat16
-    assert M.autocast_dtype("auto", "cuda") == torch.bfloat16 and M.autocast_dtype("float32", "cuda") is None
+    assert [TR.lr_at(s, 1.0, 10, 110) for s in (0, 9, 10, 60, 110, 200)] == pytest.approx([0.1, 1, 1, 0.55, 0.1, 0.1])
+    assert TR.lr_at(110, 1.0, 10, 110, final_frac=0.0) == 0.0
+    assert TR.autocast_dtype("auto", "cpu") is None and TR.autocast_dtype("bfloat16", "cpu") == torch.bfloat16
+    assert TR.autocast_dtype("auto", "cuda") == torch.bfloat16 and TR.autocast_dtype("float32", "cuda") is None
 
 
 def test_vocab_size_matches_tokenizer():

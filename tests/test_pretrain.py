@@ -15,6 +15,7 @@ sys.path.insert(0, str(ROOT))
 import model as M  # noqa: E402
 import prepare  # noqa: E402
 import tokenizer as T  # noqa: E402
+import training as TR  # noqa: E402
 
 DATA = ROOT.parent / "shared" / "data"
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONHASHSEED": "0"}
@@ -198,7 +199,7 @@ def test_ddp_two_gloo_processes_match_one_and_log_per_process_rates(synth, tmp_p
     # tokens/s and MFU are one process's: its 2 x 64 tokens per step, not the global batch's 4 x 64
     rec = [d for d in map(json.loads, open(tmp_path / "two" / "log.jsonl")) if "tok_s" in d][-1]
     assert rec["tok_s"] * rec["ms"] / 1e3 == pytest.approx(2 * 64, rel=0.02)
-    assert rec["mfu"] == pytest.approx(M.flops_per_token(M.PRESETS["tiny"], 64) * rec["tok_s"] / 1e12, rel=1e-3, abs=1e-4)
+    assert rec["mfu"] == pytest.approx(TR.flops_per_token(M.PRESETS["tiny"], 64) * rec["tok_s"] / 1e12, rel=1e-3, abs=1e-4)
 
 
 def test_interrupted_checkpoint_write_keeps_previous(tmp_path, monkeypatch):

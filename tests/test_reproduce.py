@@ -87,11 +87,12 @@ def test_repeat_skips_finished_stages_and_resumes_an_interrupted_one(smoke):
 
 def test_parse_task_with_and_without_a_split_column(tmp_path):
     import model as M
+    import training as TR
     import reproduce as R
     names, labels = [f"m/{c}{i}.mid" for c in "ab" for i in range(10)], [c for c in "ab" for _ in range(10)]
     (tmp_path / "plain.csv").write_text("path,label\n" + "".join(f"{n},{l}\n" for n, l in zip(names, labels)))
     t = R.parse_task(f"{tmp_path / 'plain.csv'}:label")
-    assert t["split"] == "stratified" and t["n_train"] == M.stratified_split(names, labels).count("train") == 16
+    assert t["split"] == "stratified" and t["n_train"] == TR.stratified_split(names, labels).count("train") == 16
     (tmp_path / "split.csv").write_text("path,label,fold\n" + "".join(f"{n},{l},{'test' if i % 2 else 'train'}\n"
                                                                         for i, (n, l) in enumerate(zip(names, labels))))
     t = R.parse_task(f"{tmp_path / 'split.csv'}:label:fold")
