@@ -46,9 +46,9 @@ import math
 import random
 import sys
 import time
+from collections import namedtuple
 from dataclasses import replace
 from pathlib import Path
-from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -151,11 +151,8 @@ def get_args(argv=None):
 # views: random note slices of a tokenized file
 
 
-class Slice(NamedTuple):
-    """A random note slice: the notes at 1 tick = 1 ms, the index of its first note, its note count."""
-    score: T.Score
-    start: int
-    notes: int
+# a random note slice: the notes as a Score at 1 tick = 1 ms, the index of its first note, its note count
+Slice = namedtuple("Slice", "score start notes")
 
 
 def slice_score(ids, rng, min_notes=100, max_notes=650):
@@ -220,10 +217,8 @@ class ViewPairs(torch.utils.data.Dataset):
         self.bin = Path(folder) / f"{split}.bin"
         self.offsets = np.load(Path(folder) / f"{split}.idx.npy")
         self.n = len(self.offsets) - 1
-        self.per_step = per_step
-        self.seed = seed
-        self.max_len = max_len
-        self.augment = augment
+        self.per_step, self.seed = per_step, seed
+        self.max_len, self.augment = max_len, augment
         self.min_notes, self.max_notes = min_notes, max_notes
         self.steps_per_epoch = max(1, math.ceil(self.n / per_step))
         self.len = self.steps_per_epoch * per_step
@@ -327,11 +322,8 @@ def pair_loss(z1, z2, loss="ntxent", temperature=0.1, distributed=True):
     return LOSSES[loss](z1, z2, temperature)
 
 
-class Embedded(NamedTuple):
-    """embed_pairs' result: each file's two views' embeddings, and the batch's non-pad tokens."""
-    z1: torch.Tensor  # (B, E)
-    z2: torch.Tensor  # (B, E)
-    tokens: int
+# embed_pairs' result: the two views' embeddings z1, z2 (B, E) and the batch's non-pad tokens
+Embedded = namedtuple("Embedded", "z1 z2 tokens")
 
 
 def embed_pairs(model, batch, device=None):

@@ -118,10 +118,8 @@ class FileSequences(torch.utils.data.Dataset):
     tokens [k*T, k*T + T + 1) of that file, <P>-padded; augmented with a generator seeded by g."""
 
     def __init__(self, folder, split, seq_len, seed, augment):
-        self.bin = Path(folder) / f"{split}.bin"
-        self.seq_len = seq_len
-        self.seed = seed
-        self.augment = augment
+        self.bin, self.seq_len = Path(folder) / f"{split}.bin", seq_len
+        self.seed, self.augment = seed, augment
         idx = np.load(Path(folder) / f"{split}.idx.npy")
         self.offsets = idx
         lengths = np.diff(idx)

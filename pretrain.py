@@ -110,10 +110,8 @@ class PackedWindows(torch.utils.data.Dataset):
     windows start at a random per-epoch offset; augmented with a generator seeded by (seed, g)."""
 
     def __init__(self, folder, split, seq_len, seed, augment):
-        self.path = Path(folder) / f"{split}.bin"
-        self.seq_len = seq_len
-        self.seed = seed
-        self.augment = augment
+        self.path, self.seq_len = Path(folder) / f"{split}.bin", seq_len
+        self.seed, self.augment = seed, augment
         self.n = max(0, (self.path.stat().st_size // 2 - 1 - seq_len) // seq_len)
         self.tokens, self.perms = None, {}
 
