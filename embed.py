@@ -1,6 +1,7 @@
 """
-MIDI file embeddings with an Aria embedding model (paper §3.3, §4.1; SPEC §D.4, §C.5): write them,
-find similar files, run the paper's linear probe, draw a map.
+MIDI file embeddings with an Aria embedding model (paper §3.3, §4.1; official aria/embedding.py and
+aria/eval/linear_probe.py, EleutherAI/aria @ b0486c8, with aria-utils @ e122d03): write them, find
+similar files, run the paper's linear probe, draw a map.
 
     python embed.py --ckpt out/emb song.mid ~/midi --out emb.npy        # emb.npy + emb.files.txt
     python embed.py --ckpt aria-medium-embedding/model.safetensors ~/midi --nearest 5 query.mid
@@ -9,14 +10,15 @@ find similar files, run the paper's linear probe, draw a map.
     python embed.py --emb p8.npy --probe labels.csv ...                 # probe saved embeddings again
     python embed.py --ckpt out/pretrain --head hidden ...               # a plain LM's hidden state at <E>
 
-A file's embedding is exactly the official get_global_embedding_from_midi (SPEC §D.4): the file is
+A file's embedding is exactly the official get_global_embedding_from_midi (embedding.py): the file is
 cut into consecutive 300-note chunks, each tokenized without <D> as `prefix <S> notes <E>` (cut to
 2048 tokens, the last forced to <E>), and the embedding head's outputs at the chunks' <E> are
 averaged, unweighted and not normalized; with the official aria-medium-embedding weights it gives
 the official vectors. Chunks of many files are run together in batches, right-padded (the model is
 causal, so padding after <E> changes nothing) and sorted by length to waste little.
 
-The probe (paper §4.1, SPEC §C.5) trains a linear classifier with bias on the frozen, raw file
+The probe (paper §4.1; official linear_probe.py, ClassifierHead) trains a linear classifier with bias on
+the frozen, raw file
 embeddings of the CSV's train split: AdamW (lr 3e-4, weight decay 0.1, betas (0.9, 0.95), eps 1e-5),
 the learning rate decaying linearly to 0, separately for 10, 20 and 50 epochs; it reports accuracy
 and macro-F1 on the test split for each and, as the paper does, the best.
@@ -32,6 +34,7 @@ import csv
 import json
 import os
 import sys
+from collections import namedtuple
 from pathlib import Path
 
 import numpy as np
@@ -44,6 +47,7 @@ import training as TR
 
 MIDI_SUFFIXES = (".mid", ".midi")
 SPLIT_ALIASES = {"train": "train", "valid": "valid", "val": "valid", "validation": "valid", "test": "test"}
+Embeddings = namedtuple("Embeddings", "emb files errors")  # embed_files' result
 
 
 class Fail(Exception):
@@ -51,46 +55,57 @@ class Fail(Exception):
 
 
 def get_args(argv=None):
-    ap = argparse.ArgumentParser(description="Embed MIDI files with an Aria embedding model; nearest files, linear probe, map.",
-                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    ap.add_argument("inputs", nargs="*", metavar="FILE_OR_DIR", help="MIDI files, or folders searched recursively for *.mid/*.midi")
-    ap.add_argument("--ckpt", default=None,
-                    help="embedding model: official .safetensors (aria-medium-embedding), our .pt, or an output folder")
+    ap = argparse.ArgumentParser(
+        description="Embed MIDI files with an Aria embedding model; nearest files, linear probe, map.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    ap.add_argument("inputs", nargs="*", metavar="FILE_OR_DIR",
+                    help="MIDI files, or folders searched recursively for *.mid/*.midi")
+    ap.add_argument("--ckpt", default=None, help="embedding model: official .safetensors "
+                    "(aria-medium-embedding), our .pt, or an output folder")
     ap.add_argument("--emb", default=None, metavar="X.npy",
                     help="use embeddings saved by --out (rows named by X.files.txt) instead of a model")
     ap.add_argument("--head", default="emb", choices=["emb", "hidden"],
-                    help="emb: the embedding head at <E> (SPEC §D.4); hidden: the final hidden state at <E>, for "
-                         "models without an embedding head (a plain pretrained LM as a baseline)")
-    ap.add_argument("--out", default=None, metavar="X.npy", help="write the embeddings (float32, one row per file, in input "
-                                                                  "order) here and the files' paths to X.files.txt")
+                    help="emb: the embedding head at <E> (official get_embedding_from_seq); hidden: the "
+                         "final hidden state at <E>, for models without an embedding head (a plain "
+                         "pretrained LM as a baseline)")
+    ap.add_argument("--out", default=None, metavar="X.npy",
+                    help="write the embeddings (float32, one row per file, in input order) here and the "
+                         "files' paths to X.files.txt")
     ap.add_argument("--nearest", nargs=2, default=None, metavar=("K", "QUERY"),
                     help="print the K files most similar (cosine) to the MIDI file QUERY among the inputs")
     ap.add_argument("--probe", default=None, metavar="LABELS.csv",
-                    help="linear probe (paper §4.1): CSV with path (relative to the CSV or absolute), label and "
-                         "split (train/valid/test) columns; without the split column the deterministic stratified "
-                         "split of finetune_cls.py (80/10/10 per class); its files are embedded too")
+                    help="linear probe (paper §4.1): CSV with path (relative to the CSV or absolute), label "
+                         "and split (train/valid/test) columns; without the split column the deterministic "
+                         "stratified split of finetune_cls.py (80/10/10 per class); its files are embedded "
+                         "too")
     ap.add_argument("--path_col", default="path", help="CSV column of the paths")
     ap.add_argument("--label_col", default="label", help="CSV column of the labels (Pianist8: pianist)")
     ap.add_argument("--split_col", default="split", help="CSV column of the split (Pianist8: split_midibert)")
-    ap.add_argument("--probe_epochs", default="10,20,50", help="separate probes with these epoch counts, best reported (paper §4.1)")
-    ap.add_argument("--probe_lr", type=float, default=3e-4, help="probe learning rate, linear decay to 0 (paper §4.1)")
-    ap.add_argument("--probe_batch_size", type=int, default=16, help="probe batch size (not given by paper or SPEC: our choice)")
-    ap.add_argument("--probe_weight_decay", type=float, default=0.1, help="probe AdamW weight decay (SPEC §C.5)")
-    ap.add_argument("--probe_out", default=None, metavar="RESULTS.json", help="write the probe's results here")
-    ap.add_argument("--map", default=None, metavar="OUT.png",
-                    help="2-D PCA map of the embeddings coloured by label (paper Fig. 1; by folder without --probe); "
-                         "needs matplotlib")
-    ap.add_argument("--notes_per_chunk", type=int, default=300, help="notes per chunk (SPEC §D.4)")
-    ap.add_argument("--max_len", type=int, default=2048, help="tokens per chunk at most (SPEC §D.4), capped at the model's context")
-    ap.add_argument("--max_chunks", type=int, default=0,
-                    help="embed only the first this many chunks of each file (0: all, as official); for quick looks")
+    ap.add_argument("--probe_epochs", default="10,20,50",
+                    help="separate probes with these epoch counts, best reported (paper §4.1)")
+    ap.add_argument("--probe_lr", type=float, default=3e-4,
+                    help="probe learning rate, linear decay to 0 (paper §4.1)")
+    ap.add_argument("--probe_batch_size", type=int, default=16,
+                    help="probe batch size (not given by the paper or the official code: our choice)")
+    ap.add_argument("--probe_weight_decay", type=float, default=0.1,
+                    help="probe AdamW weight decay (official aria/eval/linear_probe.py, _get_optim)")
+    ap.add_argument("--probe_out", default=None, metavar="RESULTS.json",
+                    help="write the probe's results here")
+    ap.add_argument("--map", default=None, metavar="OUT.png", help="2-D PCA map of the embeddings coloured "
+                    "by label (paper Fig. 1; by folder without --probe); needs matplotlib")
+    ap.add_argument("--notes_per_chunk", type=int, default=300,
+                    help="notes per chunk (official get_global_embedding_from_midi)")
+    ap.add_argument("--max_len", type=int, default=2048, help="tokens per chunk at most (official "
+                    "get_global_embedding_from_midi), capped at the model's context")
+    ap.add_argument("--max_chunks", type=int, default=0, help="embed only the first this many chunks of "
+                    "each file (0: all, as official); for quick looks")
     ap.add_argument("--batch_size", type=int, default=16, help="chunks per forward pass")
     ap.add_argument("--device", default="auto", help="cpu, cuda, mps or auto")
     ap.add_argument("--dtype", default="auto", choices=["auto", "float32", "tf32", "bfloat16"],
-                    help="the model's matmuls: float32 reproduces the official vectors (within 2e-7); tf32: float32 "
-                         "with TF32 matmuls on CUDA (as float32 elsewhere); auto: tf32 on CUDA, float32 elsewhere; "
-                         "bfloat16 runs the forward under autocast (on CPU it shows what CUDA does); means, cosines, "
-                         "probe and PCA are float32 either way")
+                    help="the model's matmuls: float32 reproduces the official vectors (within 2e-7); "
+                         "tf32: float32 with TF32 matmuls on CUDA (as float32 elsewhere); auto: tf32 on "
+                         "CUDA, float32 elsewhere; bfloat16 runs the forward under autocast (on CPU it shows "
+                         "what CUDA does); means, cosines, probe and PCA are float32 either way")
     ap.add_argument("--seed", type=int, default=0, help="probe initialisation and shuffling")
     args = ap.parse_args(argv)
     if not (args.out or args.nearest or args.probe or args.map):
@@ -111,8 +126,9 @@ def load_embedder(path, device="cpu", head="emb"):
     except M.CheckpointError as e:
         raise Fail(str(e)) from None
     if head == "emb" and model.emb_head is None:
-        raise Fail(f"{M.resolve_checkpoint(path)}: no embedding head (it has {', '.join(model.heads)}); train one "
-                   "with finetune_contrastive.py, or pass --head hidden to use the final hidden state at <E>")
+        raise Fail(f"{M.resolve_checkpoint(path)}: no embedding head (it has {', '.join(model.heads)}); "
+                   "train one with finetune_contrastive.py, or pass --head hidden to use the final hidden "
+                   "state at <E>")
     return model
 
 
@@ -131,8 +147,8 @@ def find_midi(inputs):
 
 
 def file_chunks(path, notes_per_chunk=300, max_len=2048, max_chunks=0, pedal=False):
-    """-> (chunks, None) or (None, one-line error). The official chunk ids (SPEC §D.4), in the
-    model's vocabulary (pedal: the 17,729-token one)."""
+    """-> (chunks, None) or (None, one-line error). The official chunk ids (embedding.py, _get_chunks and
+    get_global_embedding_from_midi), in the model's vocabulary (pedal: the 17,729-token one)."""
     try:
         score = T.load_midi(path)
         if max_chunks:
@@ -175,12 +191,14 @@ def embed_chunks(model, chunks, batch_size=16, head="emb", dtype=torch.float32):
 def embed_files(model, paths, batch_size=16, head="emb", notes_per_chunk=300, max_len=2048, max_chunks=0,
                 on_error=None, block=64, dtype=torch.float32):
     """Global embeddings of MIDI files: the unweighted mean over each file's chunk embeddings
-    (official get_global_embedding_from_midi), in float32. -> (float32 array (n_ok, E), paths
+    (official get_global_embedding_from_midi), in float32. -> Embeddings(float32 array (n_ok, E), paths
     embedded, errors). Files are taken `block` at a time, so memory stays flat on big folders."""
     max_len = min(max_len, model.config.max_seq_len)
-    embs, ok, errors = [], [], []
+    embs, ok = [], []
+    errors = []
     for b in range(0, len(paths), block):
-        group, chunks, owner = paths[b:b + block], [], []
+        group = paths[b:b + block]
+        chunks, owner = [], []
         for p in group:
             c, err = file_chunks(p, notes_per_chunk, max_len, max_chunks, model.pedal)
             if err:
@@ -199,21 +217,22 @@ def embed_files(model, paths, batch_size=16, head="emb", notes_per_chunk=300, ma
             embs.append(z[owner == f].mean(0))
     dim = model.config.emb_size if head == "emb" else model.config.d_model
     arr = torch.stack(embs).numpy() if embs else np.zeros((0, dim), dtype=np.float32)
-    return arr.astype(np.float32), ok, errors
+    return Embeddings(arr.astype(np.float32), ok, errors)
 
 
 def global_embedding(model, path, **kw):
     """One file's embedding (E,), as the official get_global_embedding_from_midi. Raises T.TokenizerError."""
-    arr, _, errors = embed_files(model, [path], **kw)
-    if errors:
-        raise T.TokenizerError(errors[0])
-    return arr[0]
+    got = embed_files(model, [path], **kw)
+    if got.errors:
+        raise T.TokenizerError(got.errors[0])
+    return got.emb[0]
 
 
 def save_embeddings(path, emb, files):
     path = Path(path)
     M.atomic_write(path, lambda f: np.save(f, emb))
-    M.atomic_write(path.with_suffix(".files.txt"), lambda f: f.write("".join(x + "\n" for x in files).encode()))
+    M.atomic_write(path.with_suffix(".files.txt"),
+                   lambda f: f.write("".join(x + "\n" for x in files).encode()))
 
 
 def load_embeddings(path):
@@ -265,24 +284,31 @@ def read_labels(csv_path, path_col="path", label_col="label", split_col="split")
     has_split = split_col in cols or split_col != "split"
     for col in (path_col, label_col) + ((split_col,) if has_split else ()):
         if col not in cols:
-            raise Fail(f"{p}: no column {col!r} (columns: {', '.join(cols) or 'none'}); see --path_col/--label_col/--split_col")
+            raise Fail(f"{p}: no column {col!r} (columns: {', '.join(cols) or 'none'}); "
+                       "see --path_col/--label_col/--split_col")
     rows = []
     for line, r in enumerate(raw, start=2):
-        path, label, split = ((r.get(c) or "").strip() for c in (path_col, label_col, split_col))
+        path, label = ((r.get(c) or "").strip() for c in (path_col, label_col))
+        split = (r.get(split_col) or "").strip()
         if not path or not label:
             raise Fail(f"{p}:{line}: empty {path_col if not path else label_col}")
         if not has_split:
             split = "train"  # replaced below
         elif split.lower() not in SPLIT_ALIASES:
-            raise Fail(f"{p}:{line}: unknown split {split!r} in column {split_col!r} (expected train, valid or test)")
+            raise Fail(f"{p}:{line}: unknown split {split!r} in column {split_col!r} "
+                       "(expected train, valid or test)")
         full = Path(path) if Path(path).is_absolute() else p.parent / path
         if not full.is_file():
             raise Fail(f"{p}:{line}: {path}: no such file (paths are relative to {p.parent})")
         rows.append((str(full), label, SPLIT_ALIASES[split.lower()], path))
     if not rows:
         raise Fail(f"{p}: no rows")
-    splits = [r[2] for r in rows] if has_split else TR.stratified_split([r[3] for r in rows], [r[1] for r in rows])
-    return [(full, label, split) for (full, label, _, _), split in zip(rows, splits)], "csv" if has_split else "stratified"
+    if has_split:
+        splits = [r[2] for r in rows]
+    else:
+        splits = TR.stratified_split([r[3] for r in rows], [r[1] for r in rows])
+    rows = [(full, label, split) for (full, label, _, _), split in zip(rows, splits)]
+    return rows, "csv" if has_split else "stratified"
 
 
 def metrics(y_true, y_pred, n_classes):
@@ -300,9 +326,9 @@ def metrics(y_true, y_pred, n_classes):
 
 @torch.autocast("cpu", enabled=False)
 def train_probe(x, y, n_classes, epochs, lr=3e-4, batch_size=16, weight_decay=0.1, seed=0):
-    """A linear classifier with bias (SPEC §C.5) on frozen embeddings x (n, E): AdamW, betas
-    (0.9, 0.95), eps 1e-5, cross-entropy, the learning rate decaying linearly from lr to 0 over
-    all steps (paper §4.1), reshuffled every epoch. -> nn.Linear."""
+    """A linear classifier with bias (official linear_probe.py, ClassifierHead) on frozen embeddings
+    x (n, E): AdamW, betas (0.9, 0.95), eps 1e-5, cross-entropy, the learning rate decaying linearly
+    from lr to 0 over all steps (paper §4.1), reshuffled every epoch. -> nn.Linear."""
     g = torch.Generator().manual_seed(seed)
     x, y = torch.as_tensor(x, dtype=torch.float32), torch.as_tensor(y, dtype=torch.long)
     clf = torch.nn.Linear(x.shape[1], n_classes)
@@ -347,7 +373,8 @@ def linear_probe(emb, labels, splits, epochs=(10, 20, 50), lr=3e-4, batch_size=1
         clf = train_probe(emb[train], y[train], len(classes), n_ep, lr, batch_size, weight_decay, seed)
         with torch.no_grad():
             x_train = torch.from_numpy(emb[train])
-            run = {"epochs": n_ep, "train_loss": float(F.cross_entropy(clf(x_train), torch.from_numpy(y[train])))}
+            train_loss = F.cross_entropy(clf(x_train), torch.from_numpy(y[train]))
+            run = {"epochs": n_ep, "train_loss": float(train_loss)}
             for s in ("test", "valid"):
                 m = splits == s
                 if m.any():
@@ -362,15 +389,17 @@ def linear_probe(emb, labels, splits, epochs=(10, 20, 50), lr=3e-4, batch_size=1
 def format_probe(res):
     lines = [f"probe: {len(res['classes'])} classes, files train {res['files']['train']} / valid "
              f"{res['files']['valid']} / test {res['files']['test']}, embeddings of {res['dim']} dims",
-             "epochs  train_loss  test_acc  test_f1" + ("  valid_acc  valid_f1" if res["files"]["valid"] else "")]
+             "epochs  train_loss  test_acc  test_f1"
+             + ("  valid_acc  valid_f1" if res["files"]["valid"] else "")]
     for r in res["runs"]:
-        line = f"{r['epochs']:6d}  {r['train_loss']:10.4f}  {r['test']['accuracy']:8.4f}  {r['test']['macro_f1']:7.4f}"
+        line = (f"{r['epochs']:6d}  {r['train_loss']:10.4f}  {r['test']['accuracy']:8.4f}  "
+                f"{r['test']['macro_f1']:7.4f}")
         if "valid" in r:
             line += f"  {r['valid']['accuracy']:9.4f}  {r['valid']['macro_f1']:8.4f}"
         lines.append(line)
     b = res["best"]
-    lines.append(f"best (test accuracy, paper §4.1): {b['epochs']} epochs, accuracy {b['test']['accuracy']:.4f}, "
-                 f"macro-F1 {b['test']['macro_f1']:.4f}")
+    lines.append(f"best (test accuracy, paper §4.1): {b['epochs']} epochs, "
+                 f"accuracy {b['test']['accuracy']:.4f}, macro-F1 {b['test']['macro_f1']:.4f}")
     return "\n".join(lines)
 
 
@@ -379,7 +408,7 @@ def pca_2d(x):
     """(n, E) -> (n, 2): the projection on the first two principal components."""
     x = torch.as_tensor(x, dtype=torch.float64)
     x = x - x.mean(0)
-    _, _, v = torch.linalg.svd(x, full_matrices=False)
+    v = torch.linalg.svd(x, full_matrices=False).Vh
     return (x @ v[:2].T).numpy()
 
 
@@ -412,7 +441,6 @@ def draw_map(path, emb, groups, title=""):
 
 # -----------------------------------------------------------------------------
 
-
 def main(argv=None):
     try:
         return run(get_args(argv))
@@ -430,7 +458,8 @@ def run(args):
                      (args.max_chunks < 0, "--max_chunks must be 0 (all) or more"),
                      (args.batch_size < 1, "--batch_size must be at least 1"),
                      (args.probe_batch_size < 1, "--probe_batch_size must be at least 1"),
-                     (args.probe_lr < 0 or args.probe_weight_decay < 0, "--probe_lr and --probe_weight_decay must be >= 0")):
+                     (args.probe_lr < 0 or args.probe_weight_decay < 0,
+                      "--probe_lr and --probe_weight_decay must be >= 0")):
         if bad:
             raise Fail(msg)
     try:
@@ -449,7 +478,9 @@ def run(args):
             raise Fail("--nearest K QUERY: K must be at least 1")
         if not Path(args.nearest[1]).is_file():
             raise Fail(f"{args.nearest[1]}: no such file (the --nearest query)")
-    rows, split = read_labels(args.probe, args.path_col, args.label_col, args.split_col) if args.probe else ([], None)
+    rows, split = [], None
+    if args.probe:
+        rows, split = read_labels(args.probe, args.path_col, args.label_col, args.split_col)
     files = find_midi(args.inputs)
     seen = {os.path.realpath(f) for f in files}
     for path, _, _ in rows:  # the CSV's files, unless already given
@@ -469,15 +500,21 @@ def run(args):
         ok = files
         emb = emb_all[[where[os.path.realpath(f)] for f in files]]
     else:
-        _, _, device = TR.setup_distributed(args.device, tf32=args.dtype in ("auto", "tf32"))
+      
+        device = TR.setup_distributed(args.device, tf32=args.dtype in ("auto", "tf32")).device
         dtype = torch.bfloat16 if args.dtype == "bfloat16" else torch.float32
         tf32 = device.type == "cuda" and args.dtype in ("auto", "tf32")
         model = load_embedder(args.ckpt, device, args.head)
-        emb, ok, errors = embed_files(model, files, args.batch_size, args.head, args.notes_per_chunk, args.max_len,
-                                      args.max_chunks, on_error=warn, dtype=dtype)
+        got = embed_files(model, files, args.batch_size, args.head, args.notes_per_chunk, args.max_len,
+                          args.max_chunks, on_error=warn, dtype=dtype)
+        emb, ok = got.emb, got.files
+        if dtype == torch.bfloat16:
+            precision = "bfloat16 autocast"
+        else:
+            precision = "float32, TF32 matmuls" if tf32 else "float32"
         print(f"embed.py: {len(ok)} files embedded ({emb.shape[1]} dims, head {args.head}, "
-              f"{'bfloat16 autocast' if dtype == torch.bfloat16 else 'float32, TF32 matmuls' if tf32 else 'float32'} on {device})"
-              + (f", {len(errors)} skipped" if errors else ""), file=sys.stderr, flush=True)
+              f"{precision} on {device})" + (f", {len(got.errors)} skipped" if got.errors else ""),
+              file=sys.stderr, flush=True)
         if not ok:
             raise Fail("none of the files could be embedded")
     if args.out:
@@ -490,7 +527,8 @@ def run(args):
         if model is not None:
             try:
                 q = global_embedding(model, query, batch_size=args.batch_size, head=args.head, dtype=dtype,
-                                     notes_per_chunk=args.notes_per_chunk, max_len=args.max_len, max_chunks=args.max_chunks)
+                                     notes_per_chunk=args.notes_per_chunk, max_len=args.max_len,
+                                     max_chunks=args.max_chunks)
             except T.TokenizerError as e:
                 raise Fail(f"the --nearest query: {e}") from None
         else:
@@ -511,20 +549,23 @@ def run(args):
                            args.probe_batch_size, args.probe_weight_decay, args.seed)
         res["skipped"], res["split"] = len(rows) - len(keep), split
         if split == "stratified":
-            print(f"embed.py: {args.probe} has no {args.split_col!r} column: the deterministic stratified split of "
-                  "finetune_cls.py (80/10/10 per class)", file=sys.stderr)
-        print(format_probe(res) + (f"\n({res['skipped']} labelled files could not be embedded)" if res["skipped"] else ""))
+            print(f"embed.py: {args.probe} has no {args.split_col!r} column: the deterministic stratified "
+                  "split of finetune_cls.py (80/10/10 per class)", file=sys.stderr)
+        print(format_probe(res)
+              + (f"\n({res['skipped']} labelled files could not be embedded)" if res["skipped"] else ""))
         if args.probe_out:
-            res["settings"] = {o: getattr(args, o) for o in ("probe_lr", "probe_batch_size", "probe_weight_decay", "seed")}
+            settings = ("probe_lr", "probe_batch_size", "probe_weight_decay", "seed")
+            res["settings"] = {o: getattr(args, o) for o in settings}
             M.atomic_write(args.probe_out, lambda f: f.write((json.dumps(res, indent=1) + "\n").encode()))
 
     if args.map:
-        groups = [labels[os.path.realpath(f)][0] if os.path.realpath(f) in labels else Path(f).parent.name for f in ok]
+        groups = [labels[os.path.realpath(f)][0] if os.path.realpath(f) in labels else Path(f).parent.name
+                  for f in ok]
         if draw_map(args.map, emb, groups, f"{len(ok)} files, PCA"):
             print(f"embed.py: wrote {args.map}", file=sys.stderr)
         else:
-            print("embed.py: --map needs matplotlib, which is not installed (pip install matplotlib); no map drawn",
-                  file=sys.stderr)
+            print("embed.py: --map needs matplotlib, which is not installed (pip install matplotlib); "
+                  "no map drawn", file=sys.stderr)
     return 0
 
 

@@ -1,10 +1,12 @@
 """
-Contrastive finetuning of Aria into a MIDI embedding model (paper §3.3, §4.1; SPEC §C.3): the
-recipe behind aria-medium-embedding.
+Contrastive finetuning of Aria into a MIDI embedding model (paper §3.3, §4.1; official
+aria/training/contrastive_finetune.py): the recipe behind aria-medium-embedding. "Official" is
+EleutherAI/aria @ b0486c8 and EleutherAI/aria-utils @ e122d03.
 
     python finetune_contrastive.py --init out/pretrain --data data/mine --out out/emb
     python finetune_contrastive.py --init aria-medium-base/model.safetensors --data data/ft --out out/emb
-    python finetune_contrastive.py --init none --preset tiny --data data/mine --out out/emb_scratch  # Aria_e=25† ablation
+    python finetune_contrastive.py --init none --preset tiny --data data/mine --out out/emb_scratch
+        # the paper's Aria_e=25† ablation (Table 2: without pretraining)
     torchrun --nproc_per_node=8 finetune_contrastive.py --init ... --data ... --out out/emb
     python finetune_contrastive.py --out out/emb --resume        # continue exactly where it stopped
     python embed.py --ckpt out/emb song.mid --out song.npy        # use it
@@ -20,13 +22,14 @@ processes are gathered (with gradients), so the negatives are those of the globa
 
 Views from the dataset: prepare.py stores each file as token ids (`prefix <S> body <E>` with
 <D>). A view takes the ids of its note window (from its first note's first token up to the first
-token of the note after it), puts the file's prefix, <S> and one <T> per 5 s segment before the window in
-front, and decodes that with tokenizer.detokenize_notes into notes in ms (durations already hold
-the pedal); these become a Score at 1 tick = 1 ms and are tokenized again (no <D>), which rebases
-onsets to the window's first note. On the 10 ms grid this re-tokenization is exact, so a view is
-what the official code feeds its model for the same notes (SPEC §C.3: slice the MidiDict's notes,
-tokenize with metadata={}), except that the official rebasing quantizes the raw onset difference:
-onsets may differ by one 10 ms step. No MIDI is re-parsed and only the window is decoded.
+token of the note after it), puts the file's prefix, <S> and one <T> per 5 s segment before the
+window in front, and decodes that with tokenizer.detokenize_notes into notes in ms (durations
+already hold the pedal); these become a Score at 1 tick = 1 ms and are tokenized again (no <D>),
+which rebases onsets to the window's first note. On the 10 ms grid this re-tokenization is exact,
+so a view is what the official code feeds its model for the same notes (ContrastiveDataset.get_slice:
+slice the MidiDict's notes, tokenize with metadata={}), except that the official rebasing quantizes
+the raw onset difference: onsets may differ by one 10 ms step. No MIDI is re-parsed and only the
+window is decoded.
 
 One step embeds the views under autocast (bf16 on CUDA) and computes the loss in float32 outside
 it: with near-identical embeddings (a fresh head on an LM trunk) a bf16 similarity matrix rounds
@@ -43,6 +46,8 @@ import math
 import random
 import sys
 import time
+from collections import namedtuple
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -59,62 +64,80 @@ class Fail(Exception):
 
 
 # how log records print on stdout (OUT/log.jsonl has them as JSON)
-LOG_FORMAT = {"loss": "loss {:.4f}", "val_loss": "val_loss {:.4f}", "val_top1": "val_top1 {:.4f}", "lr": "lr {:.2e}",
-              "ms": "{:.0f} ms/step", "tok_s": "{:,} tok/s per process", "mfu": "MFU {:.1%}", "eta_s": "ETA {}s"}
+LOG_FORMAT = {"loss": "loss {:.4f}", "val_loss": "val_loss {:.4f}", "val_top1": "val_top1 {:.4f}",
+              "lr": "lr {:.2e}", "ms": "{:.0f} ms/step", "tok_s": "{:,} tok/s per process",
+              "mfu": "MFU {:.1%}", "eta_s": "ETA {}s"}
 
 
 def get_args(argv=None):
-    # defaults: paper §4.1 "Contrastive embeddings" and the official contrastive_finetune (SPEC §C.3)
-    ap = argparse.ArgumentParser(description="Aria contrastive finetune: a pretrained LM -> a MIDI embedding model.",
-                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    # defaults: paper §4.1 "Contrastive embeddings" and the official aria/training/contrastive_finetune.py
+    ap = argparse.ArgumentParser(
+        description="Aria contrastive finetune: a pretrained LM -> a MIDI embedding model.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     ap.add_argument("--init", default=None,
                     help="pretrained checkpoint: a file (official .safetensors or ours) or an output folder; "
                          "none = random init of --preset (paper Table 2, Aria_e=25†)")
-    ap.add_argument("--preset", default="tiny", choices=list(M.PRESETS), help="model size for --init none (as pretrain.py)")
+    ap.add_argument("--preset", default="tiny", choices=list(M.PRESETS),
+                    help="model size for --init none (as pretrain.py)")
     ap.add_argument("--data", default=None,
-                    help="dataset folder written by prepare.py (paper §4.1: the finetuning data, compositional "
-                         "duplicates kept)")
+                    help="dataset folder written by prepare.py (paper §4.1: the finetuning data, "
+                         "compositional duplicates kept)")
     ap.add_argument("--out", default="out/emb", help="checkpoint (ckpt.pt) and log.jsonl go here")
     ap.add_argument("--emb_size", type=int, default=512, help="embedding width of the new head (paper §3.3)")
-    ap.add_argument("--min_notes", type=int, default=100, help="notes per view at least (paper §3.3, SPEC §C.3)")
-    ap.add_argument("--max_notes", type=int, default=650, help="notes per view at most (paper §3.3, SPEC §C.3)")
+    ap.add_argument("--min_notes", type=int, default=100,
+                    help="notes per view at least (paper §3.3; official ContrastiveDataset.get_slice)")
+    ap.add_argument("--max_notes", type=int, default=650,
+                    help="notes per view at most (paper §3.3; official ContrastiveDataset.get_slice)")
     ap.add_argument("--max_len", type=int, default=2048,
-                    help="tokens per view at most, the last forced to <E> (SPEC §C.3: 2048)")
+                    help="tokens per view at most, the last forced to <E> (official get_dataloaders: 2048)")
     ap.add_argument("--no_augment", dest="augment", action="store_false",
-                    help="turn off the per-view augmentation (on: paper §3.3; the official code has it off, SPEC §C.3)")
+                    help="turn off the per-view augmentation (on: paper §3.3; the official get_dataloaders "
+                         "has it off)")
     ap.add_argument("--loss", default="ntxent", choices=["ntxent", "official"],
-                    help="ntxent: paper eq. 2, all 2N-2 other embeddings are negatives; official: the official "
-                         "code's B x B cross-view loss (SPEC §C.3)")
+                    help="ntxent: paper eq. 2, all 2N-2 other embeddings are negatives; official: the "
+                         "official code's B x B cross-view loss (symmetric_nt_xent_loss_cosine)")
     ap.add_argument("--temperature", type=float, default=0.1,
                     help="NT-Xent temperature (paper §4.1: 0.1; the official code hard-codes 0.5)")
     ap.add_argument("--batch_size", type=int, default=16,
-                    help="files (= pairs, 2x views) per process per micro-step; neither paper nor SPEC gives one: "
-                         "pretraining's 16 per GPU. Negatives come from all processes")
-    ap.add_argument("--grad_accum", type=int, default=1, help="micro-steps per optimizer step (adds no negatives)")
-    ap.add_argument("--lr", type=float, default=1e-5, help="peak learning rate (paper §4.1, SPEC §C.3)")
+                    help="files (= pairs, 2x views) per process per micro-step; neither paper nor official "
+                         "code gives one: pretraining's 16 per GPU. Negatives come from all processes")
+    ap.add_argument("--grad_accum", type=int, default=1,
+                    help="micro-steps per optimizer step (adds no negatives)")
+    ap.add_argument("--lr", type=float, default=1e-5,
+                    help="peak learning rate (paper §4.1; official get_optim)")
     ap.add_argument("--warmup", type=int, default=None,
-                    help="linear warmup steps (default: SPEC §C.3's 1000, capped at 10%% of the run so short runs still decay)")
-    ap.add_argument("--final_lr_frac", type=float, default=0.1, help="then linear decay to this fraction of lr (paper §4.1)")
-    ap.add_argument("--weight_decay", type=float, default=0.1, help="AdamW, on all parameters; betas (0.9, 0.95), eps 1e-5 (SPEC §C.3)")
-    ap.add_argument("--grad_clip", type=float, default=0.0, help="clip the gradient norm (0: off, as the official code)")
-    ap.add_argument("--epochs", type=float, default=25, help="passes over the files, one pair per file each (paper §4.1)")
+                    help="linear warmup steps (default: the official get_optim's 1000, capped at 10%% of "
+                         "the run so short runs still decay)")
+    ap.add_argument("--final_lr_frac", type=float, default=0.1,
+                    help="then linear decay to this fraction of lr (paper §4.1)")
+    ap.add_argument("--weight_decay", type=float, default=0.1,
+                    help="AdamW, on all parameters; betas (0.9, 0.95), eps 1e-5 (official _get_optim)")
+    ap.add_argument("--grad_clip", type=float, default=0.0,
+                    help="clip the gradient norm (0: off, as the official code)")
+    ap.add_argument("--epochs", type=float, default=25,
+                    help="passes over the files, one pair per file each (paper §4.1)")
     ap.add_argument("--max_iters", type=int, default=None, help="optimizer steps (default: from --epochs)")
-    ap.add_argument("--stop_at", type=int, default=None, help="stop after this step without ending the schedule (split a run into jobs)")
+    ap.add_argument("--stop_at", type=int, default=None,
+                    help="stop after this step without ending the schedule (split a run into jobs)")
     ap.add_argument("--grad_checkpoint", nargs="?", const="1", default="auto", choices=["auto", "0", "1"],
-                    help="recompute each block's activations in backward (auto: if the batch does not fit the GPU without; "
-                         "it is not split into micro-batches, which would take negatives away)")
-    ap.add_argument("--eval_interval", type=int, default=None, help="steps between evaluations (default: one epoch; 0: only at the end)")
+                    help="recompute each block's activations in backward (auto: if the batch does not fit "
+                         "the GPU without; it is not split into micro-batches, which would take negatives "
+                         "away)")
+    ap.add_argument("--eval_interval", type=int, default=None,
+                    help="steps between evaluations (default: one epoch; 0: only at the end)")
     ap.add_argument("--eval_files", type=int, default=128,
                     help="validation files per evaluation (their pairs are fixed, without augmentation)")
     ap.add_argument("--log_interval", type=int, default=10, help="steps per log line")
-    ap.add_argument("--ckpt_interval", type=int, default=None, help="steps between checkpoints (default: one epoch; and one at the end)")
+    ap.add_argument("--ckpt_interval", type=int, default=None,
+                    help="steps between checkpoints (default: one epoch; and one at the end)")
     ap.add_argument("--workers", type=int, default=2, help="data loader worker processes")
     ap.add_argument("--device", default="auto", help="cpu, cuda, mps or auto")
     ap.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"],
                     help="autocast dtype of the model's forward/backward (the loss is always float32); "
                          "auto: bfloat16 on CUDA, float32 elsewhere")
     ap.add_argument("--compile", type=int, default=1, help="torch.compile the model on CUDA (1/0)")
-    ap.add_argument("--peak_tflops", type=float, default=0, help="the device's dense bf16 TFLOP/s for MFU (0: from the GPU's name)")
+    ap.add_argument("--peak_tflops", type=float, default=0,
+                    help="the device's dense bf16 TFLOP/s for MFU (0: from the GPU's name)")
     ap.add_argument("--seed", type=int, default=0,
                     help="head init (all weights with --init none), data order, slices, augmentation")
     ap.add_argument("--resume", action="store_true", help="continue from OUT/ckpt.pt with its saved settings")
@@ -129,11 +152,15 @@ def get_args(argv=None):
 # views: random note slices of a tokenized file
 
 
+# a random note slice: the notes as a Score at 1 tick = 1 ms, the index of its first note, its note count
+Slice = namedtuple("Slice", "score start notes")
+
+
 def slice_score(ids, rng, min_notes=100, max_notes=650):
-    """Token ids of one file (as prepare.py stores it) -> (Score of a random contiguous slice of
-    min..max notes at 1 tick = 1 ms, index of its first note, its note count). The slice is drawn
-    as tokenizer.random_slice / the official get_slice (SPEC §C.3): length ~ U{min..max}, start ~
-    U{0..N-min} (0 when N <= min), so slices near the end are shorter."""
+    """Token ids of one file (as prepare.py stores it) -> Slice of a random contiguous slice of
+    min..max notes. The slice is drawn as tokenizer.random_slice / the official
+    ContrastiveDataset.get_slice: length ~ U{min..max}, start ~ U{0..N-min} (0 when N <= min), so
+    slices near the end are shorter."""
     ids = np.asarray(ids, dtype=np.int64)
     ids = ids[ids != T.DIM_ID]
     bos = int(np.flatnonzero(ids == T.BOS_ID)[0])
@@ -151,25 +178,25 @@ def slice_score(ids, rng, min_notes=100, max_notes=650):
     notes, programs = T.detokenize_notes(window)
     score = T.Score(500, notes, [(0, T.DEFAULT_TEMPO)],  # 500 ticks per beat at 120 bpm: 1 tick = 1 ms
                     [(0, ch, p) for ch, p in sorted(programs.items()) if ch != T.DRUM_CHANNEL], [])
-    return score, start, end - start
+    return Slice(score, start, end - start)
 
 
 def view_slices(ids, rng, min_notes=100, max_notes=650, tries=10):
-    """Two slices for the two views, drawn independently as officially (SPEC §C.3), except that a
-    second slice holding exactly the first one's notes is drawn again (up to `tries` times; paper
-    §3.3: two *different* slices). Only a file of at most min_notes notes has a single slice: its
-    views are the whole file twice, made different by augmentation alone."""
-    first, s0, n0 = slice_score(ids, rng, min_notes, max_notes)
+    """Two slices for the two views, drawn independently as officially (ContrastiveDataset.__getitem__),
+    except that a second slice holding exactly the first one's notes is drawn again (up to `tries`
+    times; paper §3.3: two *different* slices). Only a file of at most min_notes notes has a single
+    slice: its views are the whole file twice, made different by augmentation alone."""
+    first = slice_score(ids, rng, min_notes, max_notes)
     for _ in range(tries):
-        second, s1, n1 = slice_score(ids, rng, min_notes, max_notes)
-        if (s1, n1) != (s0, n0):
+        second = slice_score(ids, rng, min_notes, max_notes)
+        if (second.start, second.notes) != (first.start, first.notes):
             break
-    return first, second
+    return first.score, second.score
 
 
 def view_tokens(score, rng, max_len=2048, augment=True):
     """A slice's view: `prefix <S> notes <E>` (no <D>, no metadata), augmented, cut to max_len with
-    the last token forced to <E> (SPEC §C.3). -> int64 array, not padded."""
+    the last token forced to <E> (official ContrastiveDataset.__getitem__). -> int64 array, not padded."""
     x = np.asarray(T.tokenize(score, dim=False), dtype=np.int64)
     if augment:
         x = T.augment(x, rng, fit=False)  # the view's <E> is never cut off
@@ -186,11 +213,13 @@ class ViewPairs(torch.utils.data.Dataset):
     which are not in the same batch as their first pair when per_step <= n. Slices and
     augmentation are drawn from random.Random(f"{seed}:{g}")."""
 
-    def __init__(self, folder, split, per_step, seed, max_len=2048, min_notes=100, max_notes=650, augment=True):
+    def __init__(self, folder, split, per_step, seed, max_len=2048, min_notes=100, max_notes=650,
+                 augment=True):
         self.bin = Path(folder) / f"{split}.bin"
         self.offsets = np.load(Path(folder) / f"{split}.idx.npy")
         self.n = len(self.offsets) - 1
-        self.per_step, self.seed, self.max_len, self.augment = per_step, seed, max_len, augment
+        self.per_step, self.seed = per_step, seed
+        self.max_len, self.augment = max_len, augment
         self.min_notes, self.max_notes = min_notes, max_notes
         self.steps_per_epoch = max(1, math.ceil(self.n / per_step))
         self.len = self.steps_per_epoch * per_step
@@ -236,12 +265,12 @@ def nt_xent(z1, z2, temperature=0.1):
     z = F.normalize(torch.cat([z1, z2]).float(), dim=-1)
     sim = z @ z.T / temperature
     sim = sim.masked_fill(torch.eye(2 * n, dtype=torch.bool, device=z.device), float("-inf"))
-    target = torch.arange(2 * n, device=z.device).roll(n)  # n..2n-1, 0..n-1; made on the device: no host copy
+    target = torch.arange(2 * n, device=z.device).roll(n)  # n..2n-1, 0..n-1; made on the device, no host copy
     return F.cross_entropy(sim, target)
 
 
 def official_loss(z1, z2, temperature=0.5):
-    """The official symmetric_nt_xent_loss_cosine (SPEC §C.3): the N x N cross-view cosine
+    """The official symmetric_nt_xent_loss_cosine (contrastive_finetune.py): the N x N cross-view cosine
     similarities / t, (CE(S, arange) + CE(S^T, arange)) / 2; negatives are the other view's
     other items only (N-1, not 2N-2)."""
     a, b = F.normalize(z1.float(), dim=-1), F.normalize(z2.float(), dim=-1)
@@ -294,10 +323,13 @@ def pair_loss(z1, z2, loss="ntxent", temperature=0.1, distributed=True):
     return LOSSES[loss](z1, z2, temperature)
 
 
+# embed_pairs' result: the two views' embeddings z1, z2 (B, E) and the batch's non-pad tokens
+Embedded = namedtuple("Embedded", "z1 z2 tokens")
+
+
 def embed_pairs(model, batch, device=None):
-    """batch: the loader's CPU tensors (ids (B, 2, L), eos (B, 2)) -> (z1 (B, E), z2 (B, E), non-pad
-    tokens). Cut and counted on the host (.numpy() refuses a device tensor), then moved to `device`:
-    nothing here waits for the GPU."""
+    """batch: the loader's CPU tensors (ids (B, 2, L), eos (B, 2)) -> Embedded. Cut and counted on the
+    host (.numpy() refuses a device tensor), then moved to `device`: nothing here waits for the GPU."""
     ids, eos = batch
     B = ids.shape[0]
     # causal: nothing after the batch's last <E> can change an output we read, so drop it;
@@ -306,7 +338,7 @@ def embed_pairs(model, batch, device=None):
     n = int((ids.numpy() != T.PAD_ID).sum())
     ids, eos = (x.to(device, non_blocking=True) for x in (ids, eos)) if device else (ids, eos)
     z = model(ids, out_pos=eos.reshape(2 * B)).view(B, 2, -1)  # row 2b + v: file b, view v
-    return z[:, 0], z[:, 1], n
+    return Embedded(z[:, 0], z[:, 1], n)
 
 
 def contrastive_loss(model, batch, autocast=contextlib.nullcontext(), loss="ntxent", temperature=0.1,
@@ -315,8 +347,8 @@ def contrastive_loss(model, batch, autocast=contextlib.nullcontext(), loss="ntxe
     `autocast` (bf16 on CUDA); the embeddings are then taken to float32 and the similarities,
     softmax and loss are computed outside autocast, where a matmul stays float32."""
     with autocast:
-        z1, z2, n = embed_pairs(model, batch, device)
-    return pair_loss(z1.float(), z2.float(), loss, temperature, distributed), n
+        emb = embed_pairs(model, batch, device)
+    return pair_loss(emb.z1.float(), emb.z2.float(), loss, temperature, distributed), emb.tokens
 
 
 # -----------------------------------------------------------------------------
@@ -329,7 +361,7 @@ def build_model(args):
         return M.load_model(Path(args.out) / "ckpt.pt", heads=("emb",), **overrides).train()
     if str(args.init).lower() == "none":
         cfg = M.PRESETS[args.preset]
-        cfg = M.replace(cfg, max_seq_len=max(cfg.max_seq_len, args.max_len), **overrides)
+        cfg = replace(cfg, max_seq_len=max(cfg.max_seq_len, args.max_len), **overrides)
         return M.Aria(cfg, ("emb",)).train()
     model = M.load_model(args.init, heads=("emb",), **overrides).train()
     if args.max_len > model.config.max_seq_len:
@@ -355,28 +387,38 @@ def train(args):
     if not (data / "meta.json").is_file():
         raise Fail(f"{data} is not a dataset (no meta.json): run prepare.py first")
     if M.data_vocab(data) != T.VOCAB_SIZE:  # views are re-cut from the tokens, which drops pedal events
-        raise Fail(f"{data} holds pedal tokens (prepare.py --pedal): contrastive finetuning reads the default "
-                   "vocabulary, as the official embedding model does; prepare the data without --pedal")
+        raise Fail(f"{data} holds pedal tokens (prepare.py --pedal): contrastive finetuning reads the "
+                   "default vocabulary, as the official embedding model does; "
+                   "prepare the data without --pedal")
     # no TF32: the embedding head and the similarities must stay float32 (near-identical embeddings, below)
-    rank, world, device = TR.setup_distributed(args.device, tf32=False)
+    proc = TR.setup_distributed(args.device, tf32=False)
+    rank, world = proc.rank, proc.world
+    device = proc.device
     master, out = rank == 0, Path(args.out)
     amp = TR.autocast_dtype(args.dtype, device)
     autocast = torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None)
     model = build_model(args).to(device)
     M.data_vocab(data, model)  # a pedal --init with this default-vocabulary data: one line
     # the micro-batch is the loss's batch (its negatives): only activation checkpointing is planned
-    _, model.config.grad_checkpoint, _, plan = TR.plan_batch(model.config, args.max_len, 2 * args.batch_size, device,
-                                                         2 * args.batch_size, args.grad_checkpoint, amp is not None, lm_head=False)
+    # -> (micro, checkpointing, bytes, a line saying so)
+    planned = TR.plan_batch(model.config, args.max_len, 2 * args.batch_size, device, 2 * args.batch_size,
+                           args.grad_checkpoint, amp is not None, lm_head=False)
+    model.config.grad_checkpoint = planned.grad_ckpt
+    plan = planned.line
 
     per_step = args.batch_size * args.grad_accum * world
-    train_set = ViewPairs(data, "train", per_step, args.seed, args.max_len, args.min_notes, args.max_notes, args.augment)
+    train_set = ViewPairs(data, "train", per_step, args.seed, args.max_len, args.min_notes, args.max_notes,
+                          args.augment)
     if train_set.n < args.batch_size * world:
         raise Fail(f"{data}: {train_set.n} training files, fewer than a batch of {args.batch_size * world} "
                    "(a file may not be its own negative): lower --batch_size")
     spe = train_set.steps_per_epoch
     if args.max_iters is None:
         args.max_iters = max(1, round(args.epochs * spe))
-    args.warmup = min(args.warmup, args.max_iters) if args.warmup is not None else min(1000, args.max_iters // 10)
+    if args.warmup is None:
+        args.warmup = min(1000, args.max_iters // 10)
+    else:
+        args.warmup = min(args.warmup, args.max_iters)
     if args.eval_interval is None:
         args.eval_interval = spe
     args.ckpt_interval = args.ckpt_interval or spe
@@ -386,9 +428,11 @@ def train(args):
     n_val = min(val_set.n, args.eval_files) if val_set else 0
     if master:
         out.mkdir(parents=True, exist_ok=True)
-        print(f"finetune_contrastive: init {args.init} ({model.num_params() / 1e6:.1f}M params, emb {model.config.emb_size}) "
-              f"on {device}, world {world}, {'autocast ' + str(amp).replace('torch.', '') if amp else 'float32'}; "
-              f"{train_set.n} files, {spe} steps per epoch; {args.max_iters} steps ({args.max_iters / spe:.2f} epochs) "
+        print(f"finetune_contrastive: init {args.init} ({model.num_params() / 1e6:.1f}M params, "
+              f"emb {model.config.emb_size}) on {device}, world {world}, "
+              f"{'autocast ' + str(amp).replace('torch.', '') if amp else 'float32'}; "
+              f"{train_set.n} files, {spe} steps per epoch; "
+              f"{args.max_iters} steps ({args.max_iters / spe:.2f} epochs) "
               f"of {per_step} pairs; loss {args.loss}, t={args.temperature}, warmup {args.warmup}, "
               f"augment {'on' if args.augment else 'off'}; views per process: {plan}", flush=True)
 
@@ -407,7 +451,8 @@ def train(args):
             print(f"resuming from {out / 'ckpt.pt'} at step {step}")
     raw, ddp = model, None  # what we save and evaluate: `raw`; compile wraps DDP (pretrain.py says why)
     if torch.distributed.is_initialized():
-        model = ddp = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+        device_ids = [device.index] if device.type == "cuda" else None
+        model = ddp = torch.nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
     if device.type == "cuda" and args.compile:
         model = torch.compile(model)
 
@@ -419,23 +464,27 @@ def train(args):
         zs, bs = [], args.batch_size * world
         for i in range(0, n_val, bs):
             batch = [val_set[g] for g in range(i, min(i + bs, n_val))]
+            ids = torch.stack([b[0] for b in batch])
+            eos = torch.stack([b[1] for b in batch])
             with autocast:
-                z1, z2, _ = embed_pairs(raw, (torch.stack([b[0] for b in batch]), torch.stack([b[1] for b in batch])), device)
-            zs.append((z1.float(), z2.float()))
+                emb = embed_pairs(raw, (ids, eos), device)
+            zs.append((emb.z1.float(), emb.z2.float()))
         raw.train()
         full = [(z1, z2) for z1, z2 in zs if len(z1) >= 2]
         val_loss = sum(LOSSES[args.loss](z1, z2, args.temperature).item() * len(z1) for z1, z2 in full)
-        z1, z2 = F.normalize(torch.cat([z[0] for z in zs]), dim=-1), F.normalize(torch.cat([z[1] for z in zs]), dim=-1)
+        z1 = F.normalize(torch.cat([z[0] for z in zs]), dim=-1)
+        z2 = F.normalize(torch.cat([z[1] for z in zs]), dim=-1)
         s = z1 @ z2.T  # float32: outside autocast
         hit = torch.arange(len(s), device=s.device)
         top1 = ((s.argmax(1) == hit).float().mean() + (s.argmax(0) == hit).float().mean()) / 2
-        return {"val_loss": round(val_loss / sum(len(z1) for z1, _ in full), 6), "val_top1": round(top1.item(), 4)}
+        return {"val_loss": round(val_loss / sum(len(z1) for z1, _ in full), 6),
+                "val_top1": round(top1.item(), 4)}
 
     def save():
         if master:
+            rng_cuda = {"rng_cuda": torch.cuda.get_rng_state(device)} if device.type == "cuda" else {}
             M.save_checkpoint(out / "ckpt.pt", raw, optimizer=opt.state_dict(), step=step, args=vars(args),
-                              rng_cpu=torch.get_rng_state(),
-                              **({"rng_cuda": torch.cuda.get_rng_state(device)} if device.type == "cuda" else {}))
+                              rng_cpu=torch.get_rng_state(), **rng_cuda)
         if world > 1:
             torch.distributed.barrier()
 
@@ -451,8 +500,9 @@ def train(args):
 
     # the loader yields this rank's micro-batches from `step` on (TR.StepSampler); its own
     # generator, so that starting it does not draw from the restored global RNG
+    sampler = TR.StepSampler(step, args.batch_size, args.grad_accum, rank, world)
     loader = torch.utils.data.DataLoader(
-        train_set, batch_size=args.batch_size, sampler=TR.StepSampler(step, args.batch_size, args.grad_accum, rank, world),
+        train_set, batch_size=args.batch_size, sampler=sampler,
         num_workers=args.workers, pin_memory=device.type == "cuda", persistent_workers=args.workers > 0,
         generator=torch.Generator().manual_seed(0))
     batches = iter(loader)
@@ -460,7 +510,8 @@ def train(args):
     first = step
     # rates count training only: the clock is stopped for evaluation and checkpoints, and the
     # first step of a job (compilation, loader start-up) is reported on its own
-    t_mark, busy, n_steps, n_tokens = time.time(), 0.0, 0, 0
+    t_mark, busy = time.time(), 0.0
+    n_steps, n_tokens = 0, 0
     model.train()
     while step < stop:
         lr = TR.lr_at(step, args.lr, args.warmup, args.max_iters, args.final_lr_frac)
@@ -469,10 +520,12 @@ def train(args):
         loss_sum = torch.zeros((), device=device)
         try:
             for micro in range(args.grad_accum):
-                if ddp is not None:  # under torchrun: all-reduce gradients in the last micro-step's backward only
+                if ddp is not None:  # under torchrun: all-reduce gradients in the last micro-step's backward
                     ddp.require_backward_grad_sync = micro == args.grad_accum - 1
-                # CPU (ids, eos) in; negatives gathered from every process; the loss in float32, outside autocast
-                loss, n = contrastive_loss(model, next(batches), autocast, args.loss, args.temperature, world > 1, device)
+                # CPU (ids, eos) in; negatives gathered from every process; the loss in float32, outside
+                # autocast
+                loss, n = contrastive_loss(model, next(batches), autocast, args.loss, args.temperature,
+                                           world > 1, device)
                 (loss / args.grad_accum).backward()
                 loss_sum += loss.detach() / args.grad_accum
                 n_tokens += n  # this process's: tokens/s and MFU are per process (per GPU)
@@ -480,9 +533,10 @@ def train(args):
                 torch.nn.utils.clip_grad_norm_(raw.parameters(), args.grad_clip)
             opt.step()
         except torch.cuda.OutOfMemoryError:
-            raise Fail(f"out of GPU memory with {2 * args.batch_size} views of up to {args.max_len} tokens and activation "
-                       f"checkpointing {'on' if raw.config.grad_checkpoint else 'off'}: set --grad_checkpoint 1, or lower "
-                       "--batch_size (fewer negatives) or --max_len") from None
+            raise Fail(f"out of GPU memory with {2 * args.batch_size} views of up to {args.max_len} tokens "
+                       f"and activation checkpointing {'on' if raw.config.grad_checkpoint else 'off'}: "
+                       "set --grad_checkpoint 1, or lower --batch_size (fewer negatives) or --max_len"
+                       ) from None
         opt.zero_grad(set_to_none=True)
         step += 1
         n_steps += 1
@@ -490,19 +544,24 @@ def train(args):
         if step == first + 1 and step < stop:
             sync()
             if master:
-                print(f"first step took {time.time() - t_mark:.1f} s (compilation, loader start-up); not in the rates")
-            t_mark, busy, n_steps, n_tokens = time.time(), 0.0, 0, 0
+                print(f"first step took {time.time() - t_mark:.1f} s (compilation, loader start-up); "
+                      "not in the rates")
+            t_mark, busy = time.time(), 0.0
+            n_steps, n_tokens = 0, 0
         if step % args.log_interval == 0 or step == stop:
             loss = loss_sum.item()  # the same on every rank (a loss of the gathered global batch)
             busy += time.time() - t_mark
             rec = {"step": step, "loss": round(loss, 6), "lr": float(f"{lr:.3e}")}
             if n_steps:  # tokens: the views' non-pad tokens
-                mfu = TR.estimate_mfu(raw.config, args.max_len, n_tokens / busy, lm_head=False, peak=args.peak_tflops * 1e12) \
+                mfu = TR.estimate_mfu(raw.config, args.max_len, n_tokens / busy, lm_head=False,
+                                     peak=args.peak_tflops * 1e12) \
                     if device.type == "cuda" or args.peak_tflops else None
                 rec.update(ms=round(1e3 * busy / n_steps, 1), tok_s=round(n_tokens / busy),
-                           **({"mfu": round(mfu, 4)} if mfu else {}), eta_s=round((stop - step) * busy / n_steps))
+                           **({"mfu": round(mfu, 4)} if mfu else {}),
+                           eta_s=round((stop - step) * busy / n_steps))
             log(rec)
-            t_mark, busy, n_steps, n_tokens = time.time(), 0.0, 0, 0
+            t_mark, busy = time.time(), 0.0
+            n_steps, n_tokens = 0, 0
         evaluating = args.eval_interval and step % args.eval_interval == 0 or step == stop
         saving = args.ckpt_interval and step % args.ckpt_interval == 0 or step == stop
         if evaluating or saving:

@@ -3,17 +3,19 @@ The generative finetune (paper §3.2 "Generative finetuning"; the recipe behind 
 one epoch on higher-quality data, the learning rate annealed to zero, every training sequence
 starting at the beginning of a file (not packed) and <D> placed about 100 tokens before each
 file's end, so that at inference `sample.py --end` can steer a continuation toward an ending.
+"Official" below is EleutherAI/aria @ b0486c8 and EleutherAI/aria-utils @ e122d03.
 
     python prepare.py ~/best_midi --strict --out data/gen     # tighter filters, no synthesized MIDI
     python finetune_gen.py --init out/pretrain --data data/gen --out out/gen
     python finetune_gen.py --init aria-medium-base/model.safetensors --data data/gen --out out/gen
     python sample.py prompt.mid --ckpt out/gen --end
 
-A file longer than the context gives several sequences (as official `--sep_sequences`, SPEC §C.1):
-the first starts at the file's start and the last ends at the file's end, overlapping its
-predecessor so that <D> and <E> always share an example (officially the end can be split from
-its <D>); short files are right-padded with <P>, which the loss ignores. <D> is re-drawn every epoch with the official
-rule (SPEC §A.6), as the official code re-tokenizes each epoch. The training loop is
+A file longer than the context gives several sequences (as the official `--sep_sequences`,
+aria/datasets.py PretrainingDataset.build): the first starts at the file's start and the last ends
+at the file's end, overlapping its predecessor so that <D> and <E> always share an example
+(officially the end can be split from its <D>); short files are right-padded with <P>, which the
+loss ignores. <D> is re-drawn every epoch with the official rule (ariautils/tokenizer/absolute.py,
+AbsTokenizer._format), as the official code re-tokenizes each epoch. The training loop is
 pretrain.py's (micro-batches planned from the GPU's memory, bf16 autocast on CUDA, chunked float32
 loss, DDP, exact --resume), written out here too.
 """
@@ -39,36 +41,54 @@ LOG_FORMAT = {"loss": "loss {:.4f}", "val_loss": "val_loss {:.4f}", "lr": "lr {:
 
 def get_args(argv=None):
     # defaults: paper §3.2 "Generative finetuning"; what the paper leaves open comes from the
-    # official train.py, which this stage reuses (SPEC §C.2)
+    # official aria/training/train.py, which this stage reuses
     ap = argparse.ArgumentParser(description="Aria generative finetune (<D> ending control).",
                                  formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    ap.add_argument("--init", help="pretrained checkpoint: a file (official .safetensors or ours) or an output folder")
+    ap.add_argument("--init",
+                    help="pretrained checkpoint: a file (official .safetensors or ours) or an output folder")
     ap.add_argument("--data", help="dataset folder written by prepare.py (--strict recommended)")
     ap.add_argument("--out", default="out/gen", help="checkpoint (ckpt.pt) and log.jsonl go here")
-    ap.add_argument("--seq_len", type=int, default=None, help="tokens per sequence (default: the model's context, 8192 for medium)")
-    ap.add_argument("--batch_size", type=int, default=16, help="sequences per process per optimizer step (as pretraining, paper §4.1)")
-    ap.add_argument("--micro_batch", type=int, default=0, help="sequences per forward/backward (0: the most that fit the GPU's memory; all on CPU)")
-    ap.add_argument("--lr", type=float, default=3e-4, help="peak learning rate (the paper gives none; official get_optim, SPEC §C.2)")
-    ap.add_argument("--warmup", type=int, default=200, help="linear warmup steps (official get_optim, SPEC §C.2)")
-    ap.add_argument("--final_lr_frac", type=float, default=0.0, help="then linear decay to this fraction of lr (paper §3.2: annealed to zero)")
-    ap.add_argument("--weight_decay", type=float, default=0.1, help="AdamW, on all parameters; betas (0.9, 0.95), eps 1e-5 (SPEC §C.2)")
-    ap.add_argument("--grad_clip", type=float, default=0.0, help="clip the gradient norm (0: off, as the official code)")
-    ap.add_argument("--epochs", type=float, default=1, help="passes over the data (paper §3.2: a single epoch); sets max_iters")
+    ap.add_argument("--seq_len", type=int, default=None,
+                    help="tokens per sequence (default: the model's context, 8192 for medium)")
+    ap.add_argument("--batch_size", type=int, default=16,
+                    help="sequences per process per optimizer step (as pretraining, paper §4.1)")
+    ap.add_argument("--micro_batch", type=int, default=0,
+                    help="sequences per forward/backward (0: the most that fit the GPU's memory; all on CPU)")
+    ap.add_argument("--lr", type=float, default=3e-4,
+                    help="peak learning rate (the paper gives none; official aria/training/train.py, "
+                    "get_optim)")
+    ap.add_argument("--warmup", type=int, default=200,
+                    help="linear warmup steps (official aria/training/train.py, get_optim)")
+    ap.add_argument("--final_lr_frac", type=float, default=0.0,
+                    help="then linear decay to this fraction of lr (paper §3.2: annealed to zero)")
+    ap.add_argument("--weight_decay", type=float, default=0.1,
+                    help="AdamW, on all parameters; betas (0.9, 0.95), eps 1e-5 (official "
+                    "aria/training/train.py, get_optim)")
+    ap.add_argument("--grad_clip", type=float, default=0.0,
+                    help="clip the gradient norm (0: off, as the official code)")
+    ap.add_argument("--epochs", type=float, default=1,
+                    help="passes over the data (paper §3.2: a single epoch); sets max_iters")
     ap.add_argument("--max_iters", type=int, default=None, help="optimizer steps (default: from --epochs)")
-    ap.add_argument("--stop_at", type=int, default=None, help="stop after this step without ending the schedule (split a run into jobs)")
-    ap.add_argument("--no_augment", dest="augment", action="store_false", help="turn off online augmentation (on, as the official train.py)")
+    ap.add_argument("--stop_at", type=int, default=None,
+                    help="stop after this step without ending the schedule (split a run into jobs)")
+    ap.add_argument("--no_augment", dest="augment", action="store_false",
+                    help="turn off online augmentation (on, as the official train.py)")
     ap.add_argument("--grad_checkpoint", nargs="?", const="1", default="auto", choices=["auto", "0", "1"],
-                    help="recompute each block's activations in backward (auto: only if no micro-batch fits without)")
-    ap.add_argument("--eval_interval", type=int, default=0, help="steps between validation losses (0: only at the end)")
+                    help="recompute each block's activations in backward (auto: only if no micro-batch fits "
+                    "without)")
+    ap.add_argument("--eval_interval", type=int, default=0,
+                    help="steps between validation losses (0: only at the end)")
     ap.add_argument("--eval_iters", type=int, default=20, help="validation batches per evaluation")
     ap.add_argument("--log_interval", type=int, default=10, help="steps per log line")
-    ap.add_argument("--ckpt_interval", type=int, default=500, help="steps between checkpoints (and one at the end)")
+    ap.add_argument("--ckpt_interval", type=int, default=500,
+                    help="steps between checkpoints (and one at the end)")
     ap.add_argument("--workers", type=int, default=2, help="data loader worker processes")
     ap.add_argument("--device", default="auto", help="cpu, cuda, mps or auto")
     ap.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"],
                     help="autocast dtype of the forward/backward; auto: bfloat16 on CUDA, float32 elsewhere")
     ap.add_argument("--compile", type=int, default=1, help="torch.compile the model on CUDA (1/0)")
-    ap.add_argument("--peak_tflops", type=float, default=0, help="the device's dense bf16 TFLOP/s for MFU (0: from the GPU's name)")
+    ap.add_argument("--peak_tflops", type=float, default=0,
+                    help="the device's dense bf16 TFLOP/s for MFU (0: from the GPU's name)")
     ap.add_argument("--seed", type=int, default=0, help="data order, <D> placement and augmentation")
     ap.add_argument("--resume", action="store_true", help="continue from OUT/ckpt.pt with its saved settings")
     argv = sys.argv[1:] if argv is None else argv
@@ -82,7 +102,7 @@ def get_args(argv=None):
 # data: file-start sequences with <D> re-placed every epoch
 
 def place_dim(ids, rng):
-    """ids of one file (with <E>) -> the same with <D> re-placed by the official rule (SPEC §A.6)."""
+    """ids of one file (with <E>) -> the same with <D> re-placed by the official AbsTokenizer._format."""
     ids = [i for i in ids if i != T.DIM_ID]
     if T.BOS_ID not in ids or ids[-1] != T.EOS_ID:
         return ids
@@ -99,7 +119,8 @@ class FileSequences(torch.utils.data.Dataset):
     tokens [k*T, k*T + T + 1) of that file, <P>-padded; augmented with a generator seeded by g."""
 
     def __init__(self, folder, split, seq_len, seed, augment):
-        self.bin, self.seq_len, self.seed, self.augment = Path(folder) / f"{split}.bin", seq_len, seed, augment
+        self.bin, self.seq_len = Path(folder) / f"{split}.bin", seq_len
+        self.seed, self.augment = seed, augment
         idx = np.load(Path(folder) / f"{split}.idx.npy")
         self.offsets = idx
         lengths = np.diff(idx)
@@ -144,7 +165,9 @@ def next_token_loss(model, batch, autocast=contextlib.nullcontext()):
 def main():
     try:
         args = get_args()
-        rank, world, device = TR.setup_distributed(args.device)
+        proc = TR.setup_distributed(args.device)
+        rank, world = proc.rank, proc.world
+        device = proc.device
         model = M.load_model(args.init, heads=("lm",)).to(device).train()
     except M.CheckpointError as e:
         sys.exit(f"finetune_gen.py: {e}")
@@ -160,9 +183,12 @@ def main():
         sys.exit(f"finetune_gen.py: {e}")
     args.seq_len = args.seq_len or model.config.max_seq_len
     if args.seq_len > model.config.max_seq_len:
-        sys.exit(f"finetune_gen.py: --seq_len {args.seq_len} exceeds the model's context {model.config.max_seq_len}")
-    micro, model.config.grad_checkpoint, _, plan = TR.plan_batch(model.config, args.seq_len, args.batch_size, device,
-                                                             args.micro_batch, args.grad_checkpoint, amp is not None)
+        sys.exit(f"finetune_gen.py: --seq_len {args.seq_len} exceeds the model's context "
+                 f"{model.config.max_seq_len}")
+    planned = TR.plan_batch(model.config, args.seq_len, args.batch_size, device, args.micro_batch,
+                           args.grad_checkpoint, amp is not None)  # (micro, checkpointing, bytes, line)
+    micro, model.config.grad_checkpoint = planned.micro, planned.grad_ckpt
+    plan = planned.line
     accum = args.batch_size // micro
     torch.manual_seed(args.seed)
     train_set = FileSequences(data, "train", args.seq_len, args.seed, args.augment)
@@ -173,9 +199,10 @@ def main():
     args.warmup = min(args.warmup, args.max_iters)
     if master:
         out.mkdir(parents=True, exist_ok=True)
-        print(f"finetune_gen: {args.init} ({model.num_params() / 1e6:.1f}M params) on {device}, world {world}, "
-              f"{'autocast ' + str(amp).replace('torch.', '') if amp else 'float32'}; {len(train_set)} file-start "
-              f"sequences of {args.seq_len}; {args.max_iters} steps of {per_step}; per process {plan}")
+        print(f"finetune_gen: {args.init} ({model.num_params() / 1e6:.1f}M params) on {device}, "
+              f"world {world}, {'autocast ' + str(amp).replace('torch.', '') if amp else 'float32'}; "
+              f"{len(train_set)} file-start sequences of {args.seq_len}; "
+              f"{args.max_iters} steps of {per_step}; per process {plan}")
 
     # optimizer; --resume restores weights, optimizer moments, step and RNG (data order needs only the step)
     opt = TR.configure_optimizer(model, args.lr, args.weight_decay, device_type=device.type)
@@ -195,7 +222,8 @@ def main():
     raw, ddp = model, None
     model = TR.LMLoss(raw)
     if torch.distributed.is_initialized():
-        model = ddp = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+        device_ids = [device.index] if device.type == "cuda" else None
+        model = ddp = torch.nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
     if device.type == "cuda" and args.compile:
         model = torch.compile(model)
 
@@ -203,18 +231,20 @@ def main():
     def evaluate():
         raw.eval()
         n = min(len(val_set), args.eval_iters * args.batch_size)
-        batches = [torch.stack([torch.from_numpy(val_set.sequence(g, False)) for g in range(i, min(i + micro, n))])
+        batches = [torch.stack([torch.from_numpy(val_set.sequence(g, False))
+                                for g in range(i, min(i + micro, n))])
                    for i in range(0, n, micro)]
         # weighted by non-<P> targets: the mean over tokens, whatever micro-batches the GPU allows
-        losses = [(next_token_loss(raw, b.to(device), autocast), int((b[:, 1:] != T.PAD_ID).sum())) for b in batches]
+        losses = [(next_token_loss(raw, b.to(device), autocast), int((b[:, 1:] != T.PAD_ID).sum()))
+                  for b in batches]
         raw.train()
         return (sum(loss * k for loss, k in losses) / sum(k for _, k in losses)).item() if losses else None
 
     def save():
         if master:
+            rng_cuda = {"rng_cuda": torch.cuda.get_rng_state(device)} if device.type == "cuda" else {}
             M.save_checkpoint(out / "ckpt.pt", raw, optimizer=opt.state_dict(), step=step, args=vars(args),
-                              rng_cpu=torch.get_rng_state(),
-                              **({"rng_cuda": torch.cuda.get_rng_state(device)} if device.type == "cuda" else {}))
+                              rng_cpu=torch.get_rng_state(), **rng_cuda)
         if world > 1:
             torch.distributed.barrier()
 
@@ -240,7 +270,8 @@ def main():
     # rates count training only: the clock is stopped for evaluation and checkpoints, and the
     # first step of a job (compilation, loader start-up) is reported on its own. Nothing in a step
     # waits for the device (no .item(), no int() of a device tensor): the log line does, once
-    t_mark, busy, n_steps = time.time(), 0.0, 0
+    t_mark, busy = time.time(), 0.0
+    n_steps = 0
     model.train()
     while step < stop:
         lr = TR.lr_at(step, args.lr, args.warmup, args.max_iters, args.final_lr_frac)
@@ -250,7 +281,7 @@ def main():
         try:
             for i in range(accum):
                 batch = next(batches).to(device, non_blocking=True)
-                if ddp is not None:  # under torchrun: all-reduce gradients in the last micro-step's backward only
+                if ddp is not None:  # under torchrun: all-reduce gradients in the last micro-step's backward
                     ddp.require_backward_grad_sync = i == accum - 1
                 with autocast:
                     loss = model(batch)  # float32 (TR.LMLoss)
@@ -260,8 +291,9 @@ def main():
                 torch.nn.utils.clip_grad_norm_(raw.parameters(), args.grad_clip)
             opt.step()
         except torch.cuda.OutOfMemoryError:
-            sys.exit(f"finetune_gen.py: out of GPU memory with micro-batches of {micro} x {args.seq_len} and activation "
-                     f"checkpointing {'on' if raw.config.grad_checkpoint else 'off'}: lower --micro_batch or set --grad_checkpoint 1")
+            sys.exit(f"finetune_gen.py: out of GPU memory with micro-batches of {micro} x {args.seq_len} and "
+                     f"activation checkpointing {'on' if raw.config.grad_checkpoint else 'off'}: "
+                     "lower --micro_batch or set --grad_checkpoint 1")
         opt.zero_grad(set_to_none=True)
         step += 1
         n_steps += 1
@@ -269,8 +301,10 @@ def main():
         if step == first + 1 and step < stop:
             sync()
             if master:
-                print(f"first step took {time.time() - t_mark:.1f} s (compilation, loader start-up); not in the rates")
-            t_mark, busy, n_steps = time.time(), 0.0, 0
+                print(f"first step took {time.time() - t_mark:.1f} s (compilation, loader start-up); "
+                      "not in the rates")
+            t_mark, busy = time.time(), 0.0
+            n_steps = 0
         if step % args.log_interval == 0 or step == stop:
             if world > 1:
                 torch.distributed.all_reduce(loss_sum, op=torch.distributed.ReduceOp.AVG)
@@ -285,7 +319,8 @@ def main():
                            **({"mfu": round(mfu, 4)} if mfu else {}))
                 rec["eta_s"] = round((stop - step) * busy / n_steps)
             log(rec)
-            t_mark, busy, n_steps = time.time(), 0.0, 0
+            t_mark, busy = time.time(), 0.0
+            n_steps = 0
         evaluating = args.eval_interval and step % args.eval_interval == 0 or step == stop
         saving = args.ckpt_interval and step % args.ckpt_interval == 0 or step == stop
         if evaluating or saving:

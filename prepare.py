@@ -1,6 +1,7 @@
 """
 A folder of MIDI files -> a filtered, de-duplicated, tokenized dataset on disk (paper §3.2
-"Pretraining dataset"; official data handling: SPEC §C.1).
+"Pretraining dataset"; official data handling: aria/datasets.py, build_mididict_dataset and
+PretrainingDataset.build). "Official" is EleutherAI/aria @ b0486c8 and EleutherAI/aria-utils @ e122d03.
 
     python prepare.py ~/midi/ more.mid --out data/mine            # files and folders, recursive
     python prepare.py ~/midi/ --metadata meta.csv --out data/mine  # + the paper's composition cap
@@ -13,13 +14,14 @@ Output (`--out DIR`), published atomically when everything is written:
     meta.json                 vocabulary hash, counts, hours, settings
     report.json, files.jsonl  what was kept or dropped, and why (one line per input file)
 
-Each file is tokenized as the official pretraining data was (SPEC §C.1): with <E>, and with <D>
-about 100 tokens before its end, its random offset and prefix order drawn from a generator
-seeded by the file's content, so a rerun gives identical bytes. Finetunes re-place <D> as they
-need. The split is by content hash, so it does not depend on file order or worker count.
+Each file is tokenized as the official pretraining data was (aria/datasets.py, get_seqs): with <E>,
+and with <D> about 100 tokens before its end, its random offset and prefix order drawn from a
+generator seeded by the file's content, so a rerun gives identical bytes. Finetunes re-place <D> as
+they need. The split is by content hash, so it does not depend on file order or worker count.
 """
 import argparse
 import csv
+import functools
 import hashlib
 import json
 import math
@@ -40,9 +42,10 @@ import tokenizer as T
 # -----------------------------------------------------------------------------
 # defaults. The paper names the heuristics (note density, pitch and duration entropy, silence,
 # repetitive content) but not their thresholds, and the official config leaves its tests off
-# (SPEC §C.1), so these are set loose: on MAESTRO + POP909 + Pop1K7 + piano-midi.de they keep
-# 4211 of 4229 files, dropping 4 recitals with >30 s pauses, 13 POP909 files whose pedal is
-# never released (every note becomes the 5 s maximum) and one duplicate.
+# (aria's config/config.json: every "data.tests" entry has "run": false), so these are set loose:
+# on MAESTRO + POP909 + Pop1K7 + piano-midi.de they keep 4211 of 4229 files, dropping 4 recitals
+# with >30 s pauses, 13 POP909 files whose pedal is never released (every note becomes the 5 s
+# maximum) and one duplicate.
 FILTERS = dict(
     min_notes=50,            # too short to learn from
     min_seconds=10.0,
@@ -110,17 +113,18 @@ def quality_problem(s, f):
         (s["pitch_entropy"] < f["min_pitch_entropy"], f"pitch entropy below {f['min_pitch_entropy']}"),
         (s["dur_entropy"] < f["min_dur_entropy"], f"duration entropy below {f['min_dur_entropy']}"),
         (s["max_silence"] > f["max_silence"], f"silence longer than {f['max_silence']} s"),
-        (s["unique_ngrams"] < f["min_unique_ngrams"], f"repetitive (unique 8-grams below {f['min_unique_ngrams']})"),
-        (s["velocity_std"] < f["min_velocity_std"], f"synthesized? velocity std below {f['min_velocity_std']}"),
+        (s["unique_ngrams"] < f["min_unique_ngrams"],
+         f"repetitive (unique 8-grams below {f['min_unique_ngrams']})"),
+        (s["velocity_std"] < f["min_velocity_std"],
+         f"synthesized? velocity std below {f['min_velocity_std']}"),
         (s["timing_regularity"] > f["max_timing_regularity"],
          f"synthesized? timing regularity above {f['max_timing_regularity']}"),
     ]
     return next((why for bad, why in checks if bad), None)
 
 
-def process(job):
+def process(path, filters, pedal):
     """Worker: one file -> (path, ids or None, reason, stats, content hash)."""
-    path, filters, pedal = job
     try:
         score = T.load_midi(path)
         ids = T.tokenize(score, dim=False, pedal=pedal)  # pedal mode refuses non-piano files
@@ -144,7 +148,8 @@ def find_midi(paths):
     files, missing = [], []
     for p in map(Path, paths):
         if p.is_dir():
-            files += sorted(str(x) for x in p.rglob("*") if x.suffix.lower() in (".mid", ".midi") and x.is_file())
+            files += sorted(str(x) for x in p.rglob("*")
+                            if x.suffix.lower() in (".mid", ".midi") and x.is_file())
         elif p.is_file():
             files.append(str(p))
         else:
@@ -192,7 +197,8 @@ def composition_cap(files, meta, roots, per_piece, composer_min):
     keep at most per_piece files per (opus, piece) and lose their untagged files.
     Returns {path: reason} for the files to drop (the first ones in path order are kept)."""
     info = {f: lookup(meta, f, roots) or {} for f in files}
-    tagged = Counter(m["composer"] for m in info.values() if m.get("composer") and (m.get("opus") or m.get("piece")))
+    tagged = Counter(m["composer"] for m in info.values()
+                     if m.get("composer") and (m.get("opus") or m.get("piece")))
     big = {c for c, n in tagged.items() if n > composer_min}
     drop, seen = {}, Counter()
     for f in files:
@@ -205,7 +211,8 @@ def composition_cap(files, meta, roots, per_piece, composer_min):
         key = (m["composer"], m.get("opus"), m.get("piece"))
         seen[key] += 1
         if seen[key] > per_piece:
-            drop[f] = f"composition cap: more than {per_piece} files of {m['composer']} {key[1]} {key[2]}".strip()
+            why = f"composition cap: more than {per_piece} files of {m['composer']} {key[1]} {key[2]}"
+            drop[f] = why.strip()
     return drop
 
 
@@ -240,7 +247,8 @@ def synthetic_piece(rng):
         if style == "block":
             for b in (0, 2):
                 for p in chord:
-                    notes.append((jitter(t0 + b * beat), t0 + (b + 1.9) * beat, p, loud - 12 + rng.gauss(0, 5)))
+                    notes.append((jitter(t0 + b * beat), t0 + (b + 1.9) * beat, p,
+                                  loud - 12 + rng.gauss(0, 5)))
         else:
             order = chord + [chord[1]] if style == "arpeggio" else [chord[0], chord[2], chord[1], chord[2]]
             for i in range(8):
@@ -286,25 +294,33 @@ def main():
                                  formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     ap.add_argument("paths", nargs="*", help="MIDI files and folders (searched recursively)")
     ap.add_argument("--out", required=True, help="output dataset folder")
-    ap.add_argument("--synthetic", type=int, default=0, help="generate this many piano pieces into OUT/midi and use them")
-    ap.add_argument("--metadata", default=None, help="CSV/JSON: path, composer, opus, piece (enables the composition cap)")
+    ap.add_argument("--synthetic", type=int, default=0,
+                    help="generate this many piano pieces into OUT/midi and use them")
+    ap.add_argument("--metadata", default=None,
+                    help="CSV/JSON: path, composer, opus, piece (enables the composition cap)")
     ap.add_argument("--max_per_piece", type=int, default=None,
                     help=f"composition cap: files per opus/piece (default {MAX_PER_PIECE}, --strict 1)")
     ap.add_argument("--composer_min", type=int, default=None,
-                    help=f"composition cap applies above this many tagged files (default {COMPOSER_CAP_MIN}, --strict 0)")
+                    help=f"composition cap applies above this many tagged files (default {COMPOSER_CAP_MIN}, "
+                    "--strict 0)")
     for k, v in FILTERS.items():
-        ap.add_argument(f"--{k}", type=type(v), default=None, help=f"quality filter threshold (default {v}, --strict {STRICT.get(k, v)})")
-    ap.add_argument("--strict", action="store_true", help="the generative finetune's settings: STRICT thresholds, "
-                    "synthesized-MIDI filter, and with --metadata at most one file per composition")
-    ap.add_argument("--val_fraction", type=float, default=VAL_FRACTION, help="share of files in the validation split")
+        ap.add_argument(f"--{k}", type=type(v), default=None,
+                        help=f"quality filter threshold (default {v}, --strict {STRICT.get(k, v)})")
+    ap.add_argument("--strict", action="store_true",
+                    help="the generative finetune's settings: STRICT thresholds, synthesized-MIDI filter, "
+                    "and with --metadata at most one file per composition")
+    ap.add_argument("--val_fraction", type=float, default=VAL_FRACTION,
+                    help="share of files in the validation split")
     ap.add_argument("--workers", type=int, default=os.cpu_count(), help="worker processes")
     ap.add_argument("--seed", type=int, default=0, help="seed of the synthetic corpus")
     ap.add_argument("--force", action="store_true", help="replace an existing dataset in OUT")
-    ap.add_argument("--pedal", action="store_true", help="tokenize with pedal tokens (17,729 ids, the official demo's "
-                    "vocabulary; piano only): for models that lift and press the pedal")
+    ap.add_argument("--pedal", action="store_true",
+                    help="tokenize with pedal tokens (17,729 ids, the official demo's vocabulary; "
+                    "piano only): for models that lift and press the pedal")
     args = ap.parse_args()
     if not 0 <= args.val_fraction < 1:
-        sys.exit(f"prepare.py: --val_fraction {args.val_fraction}: expected a share in [0, 1), training needs files")
+        sys.exit(f"prepare.py: --val_fraction {args.val_fraction}: expected a share in [0, 1), "
+                 "training needs files")
 
     out = Path(args.out)
     if out.exists() and not out.is_dir():
@@ -325,13 +341,15 @@ def main():
 
     base = {**FILTERS, **STRICT} if args.strict else FILTERS
     filters = {k: base[k] if getattr(args, k) is None else getattr(args, k) for k in FILTERS}
-    # --strict "removed all identified compositional duplicates" (paper §3.2); given values win, as for the filters
+    # --strict "removed all identified compositional duplicates" (paper §3.2); given values win, as for
+    # the filters
     per_piece, composer_min = (1, 0) if args.strict else (MAX_PER_PIECE, COMPOSER_CAP_MIN)
     args.max_per_piece = per_piece if args.max_per_piece is None else args.max_per_piece
     args.composer_min = composer_min if args.composer_min is None else args.composer_min
     capped = {}
     if args.metadata:
-        capped = composition_cap(files, read_metadata(args.metadata), roots, args.max_per_piece, args.composer_min)
+        capped = composition_cap(files, read_metadata(args.metadata), roots, args.max_per_piece,
+                                 args.composer_min)
 
     partial = out.with_name(out.name + ".partial")
     shutil.rmtree(partial, ignore_errors=True)
@@ -340,7 +358,8 @@ def main():
     offsets = {"train": [0], "val": [0]}
     seen, reasons = set(), Counter()
     hours = defaultdict(float)
-    t0, last, done = time.time(), 0.0, 0
+    t0, last = time.time(), 0.0
+    done = 0
     log = open(partial / "files.jsonl", "w")
     todo = [f for f in files if f not in capped]
     for f, why in capped.items():
@@ -348,7 +367,8 @@ def main():
         log.write(json.dumps({"file": f, "kept": False, "reason": why}) + "\n")
     ctx = mp.get_context("fork" if sys.platform.startswith("linux") else "spawn")
     with ctx.Pool(max(1, args.workers)) as pool:
-        for path, ids, why, stats, digest in pool.imap(process, [(f, filters, args.pedal) for f in todo], chunksize=4):
+        work = functools.partial(process, filters=filters, pedal=args.pedal)
+        for path, ids, why, stats, digest in pool.imap(work, todo, chunksize=4):
             done += 1
             if why is None and digest in seen:
                 why = "duplicate of an earlier file"
@@ -358,45 +378,54 @@ def main():
                 bins[split].write(ids.tobytes())
                 offsets[split].append(offsets[split][-1] + len(ids))
                 hours[split] += stats["seconds"] / 3600
-                log.write(json.dumps({"file": path, "kept": True, "split": split, "tokens": len(ids), **stats}) + "\n")
+                row = {"file": path, "kept": True, "split": split, "tokens": len(ids), **stats}
+                log.write(json.dumps(row) + "\n")
             else:
-                seen.add(digest) if digest and why.startswith("duplicate") else None
+                if digest and why.startswith("duplicate"):
+                    seen.add(digest)
                 reasons[why.split(" (")[0] if why.startswith("unreadable") else why] += 1
                 log.write(json.dumps({"file": path, "kept": False, "reason": why, **(stats or {})}) + "\n")
             now = time.time()
             if now - last > 2 or done == len(todo):
                 last, rate = now, done / max(now - t0, 1e-9)
                 kept = len(offsets["train"]) + len(offsets["val"]) - 2
-                print(f"prepare: {done}/{len(todo)} files  {rate:.0f} files/s  ETA {(len(todo) - done) / rate:.0f}s  "
-                      f"kept {kept}  dropped {done - kept}", file=sys.stderr, flush=True)
+                print(f"prepare: {done}/{len(todo)} files  {rate:.0f} files/s  "
+                      f"ETA {(len(todo) - done) / rate:.0f}s  kept {kept}  dropped {done - kept}",
+                      file=sys.stderr, flush=True)
     log.close()
     for s, fh in bins.items():
         fh.close()
         np.save(partial / f"{s}.idx.npy", np.asarray(offsets[s], dtype=np.int64))
 
-    counts = {s: {"files": len(offsets[s]) - 1, "tokens": offsets[s][-1], "hours": round(hours[s], 2)} for s in bins}
+    counts = {s: {"files": len(offsets[s]) - 1, "tokens": offsets[s][-1], "hours": round(hours[s], 2)}
+              for s in bins}
     if counts["train"]["files"] == 0:
         shutil.rmtree(partial)
         if counts["val"]["files"]:  # every kept file drew the validation split: not a filter problem
-            sys.exit(f"prepare.py: all {counts['val']['files']} kept files fell in the validation split (--val_fraction "
-                     f"{args.val_fraction}), none in training: lower --val_fraction; nothing written")
+            sys.exit(f"prepare.py: all {counts['val']['files']} kept files fell in the validation split "
+                     f"(--val_fraction {args.val_fraction}), none in training: lower --val_fraction; "
+                     "nothing written")
         sys.exit(f"prepare.py: no file survived ({dict(reasons)}); nothing written")
     meta = {"vocab_hash": T.PEDAL_VOCAB_HASH if args.pedal else T.VOCAB_HASH, "pedal": args.pedal,
-            "vocab_size": T.PEDAL_VOCAB_SIZE if args.pedal else T.VOCAB_SIZE, "dtype": "uint16", "splits": counts,
-            "inputs": [str(r) for r in roots], "filters": filters, "strict": args.strict, "val_fraction": args.val_fraction,
+            "vocab_size": T.PEDAL_VOCAB_SIZE if args.pedal else T.VOCAB_SIZE, "dtype": "uint16",
+            "splits": counts, "inputs": [str(r) for r in roots], "filters": filters, "strict": args.strict,
+            "val_fraction": args.val_fraction,
             "composition_cap": {"metadata": args.metadata, "max_per_piece": args.max_per_piece,
                                 "composer_min": args.composer_min} if args.metadata else None}
     report = {"files": len(files), "kept": sum(c["files"] for c in counts.values()),
-              "dropped": sum(reasons.values()), "dropped_by_reason": dict(reasons.most_common()), "splits": counts}
+              "dropped": sum(reasons.values()), "dropped_by_reason": dict(reasons.most_common()),
+              "splits": counts}
     (partial / "report.json").write_text(json.dumps(report, indent=1) + "\n")
     (partial / "meta.json").write_text(json.dumps(meta, indent=1) + "\n")
-    # publish: the old dataset (if --force) goes, then the finished one takes its name
+    # publish: the old dataset (if --force) goes, then the finished one takes its name; meta.json goes
+    # first and comes last, as a dataset is complete when it exists
+    data = ["train.bin", "val.bin", "train.idx.npy", "val.idx.npy", "report.json", "files.jsonl"]
     if out.exists():
-        for name in ("meta.json", "train.bin", "val.bin", "train.idx.npy", "val.idx.npy", "report.json", "files.jsonl"):
+        for name in ["meta.json"] + data:
             (out / name).unlink(missing_ok=True)
     out.mkdir(parents=True, exist_ok=True)
-    for name in ("train.bin", "val.bin", "train.idx.npy", "val.idx.npy", "report.json", "files.jsonl", "meta.json"):
-        os.replace(partial / name, out / name)  # meta.json last: a dataset is complete when it exists
+    for name in data + ["meta.json"]:
+        os.replace(partial / name, out / name)
     partial.rmdir()
     print(f"prepare: {report['kept']} of {len(files)} files kept "
           f"({counts['train']['files']} train / {counts['val']['files']} val, "
@@ -405,8 +434,8 @@ def main():
     if reasons:
         print("prepare: dropped " + ", ".join(f"{n} {why}" for why, n in reasons.most_common()))
     if not counts["val"]["files"]:
-        print(f"prepare: the validation split is empty (--val_fraction {args.val_fraction} of {report['kept']} files): "
-              "training runs without a validation loss", file=sys.stderr)
+        print(f"prepare: the validation split is empty (--val_fraction {args.val_fraction} of "
+              f"{report['kept']} files): training runs without a validation loss", file=sys.stderr)
 
 
 if __name__ == "__main__":

@@ -1,10 +1,11 @@
 """
 Next-token pretraining of Aria on a prepared dataset (paper §3.2 "Pretraining recipe", §4.1).
+"Official" below is EleutherAI/aria @ b0486c8 (aria/training/train.py) with aria-utils @ e122d03.
 
-    python pretrain.py                                    # quick start: tiny model, synthetic piano, CPU minutes
+    python pretrain.py                                 # quick start: tiny model, synthetic piano, CPU minutes
     python pretrain.py --data data/mine --preset small --out out/small
     torchrun --nproc_per_node=8 pretrain.py --data data/mine --preset medium --out out/medium
-    python pretrain.py --out out/small --resume           # continue exactly where it stopped
+    python pretrain.py --out out/small --resume        # continue exactly where it stopped
 
 Sequences are windows of the concatenated token stream of all training files (packed across
 file boundaries, no document mask, as the official code), reshuffled every epoch, each
@@ -27,6 +28,7 @@ import random
 import subprocess
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -54,30 +56,44 @@ def get_args(argv=None):
     ap.add_argument("--data", default="data/synthetic", help="dataset folder written by prepare.py")
     ap.add_argument("--out", default="out/pretrain", help="checkpoint (ckpt.pt) and log.jsonl go here")
     ap.add_argument("--preset", default="tiny", choices=list(M.PRESETS), help="model size (paper: medium)")
-    ap.add_argument("--seq_len", type=int, default=None, help="tokens per sequence (default: the preset's context; 8192 for medium, paper §3.2)")
-    ap.add_argument("--batch_size", type=int, default=16, help="sequences per process per optimizer step (paper §4.1: 16 per GPU)")
-    ap.add_argument("--micro_batch", type=int, default=0, help="sequences per forward/backward (0: the most that fit the GPU's memory; all on CPU)")
+    ap.add_argument("--seq_len", type=int, default=None,
+                    help="tokens per sequence (default: the preset's context; 8192 for medium, paper §3.2)")
+    ap.add_argument("--batch_size", type=int, default=16,
+                    help="sequences per process per optimizer step (paper §4.1: 16 per GPU)")
+    ap.add_argument("--micro_batch", type=int, default=0,
+                    help="sequences per forward/backward (0: the most that fit the GPU's memory; all on CPU)")
     ap.add_argument("--lr", type=float, default=3e-4, help="peak learning rate (paper §4.1)")
     ap.add_argument("--warmup", type=int, default=1000, help="linear warmup steps (paper §4.1)")
-    ap.add_argument("--final_lr_frac", type=float, default=0.1, help="then linear decay to this fraction of lr (paper §4.1)")
-    ap.add_argument("--weight_decay", type=float, default=0.1, help="AdamW, on all parameters; betas (0.9, 0.95), eps 1e-5 (SPEC §C.2; the paper does not say)")
-    ap.add_argument("--grad_clip", type=float, default=0.0, help="clip the gradient norm (0: off, as the official code)")
-    ap.add_argument("--epochs", type=float, default=75, help="passes over the training data (paper §4.1); sets max_iters")
+    ap.add_argument("--final_lr_frac", type=float, default=0.1,
+                    help="then linear decay to this fraction of lr (paper §4.1)")
+    ap.add_argument("--weight_decay", type=float, default=0.1,
+                    help="AdamW, on all parameters; betas (0.9, 0.95), eps 1e-5 (official "
+                    "aria/training/train.py, get_optim; the paper does not say)")
+    ap.add_argument("--grad_clip", type=float, default=0.0,
+                    help="clip the gradient norm (0: off, as the official code)")
+    ap.add_argument("--epochs", type=float, default=75,
+                    help="passes over the training data (paper §4.1); sets max_iters")
     ap.add_argument("--max_iters", type=int, default=None, help="optimizer steps (default: from --epochs)")
-    ap.add_argument("--stop_at", type=int, default=None, help="stop after this step without ending the schedule (split a run into jobs)")
-    ap.add_argument("--no_augment", dest="augment", action="store_false", help="turn off online augmentation (paper §3.2)")
+    ap.add_argument("--stop_at", type=int, default=None,
+                    help="stop after this step without ending the schedule (split a run into jobs)")
+    ap.add_argument("--no_augment", dest="augment", action="store_false",
+                    help="turn off online augmentation (paper §3.2)")
     ap.add_argument("--grad_checkpoint", nargs="?", const="1", default="auto", choices=["auto", "0", "1"],
-                    help="recompute each block's activations in backward (auto: only if no micro-batch fits without)")
-    ap.add_argument("--eval_interval", type=int, default=500, help="steps between validation losses (0: only at the end)")
+                    help="recompute each block's activations in backward (auto: only if no micro-batch fits "
+                    "without)")
+    ap.add_argument("--eval_interval", type=int, default=500,
+                    help="steps between validation losses (0: only at the end)")
     ap.add_argument("--eval_iters", type=int, default=20, help="validation batches per evaluation")
     ap.add_argument("--log_interval", type=int, default=10, help="steps per log line")
-    ap.add_argument("--ckpt_interval", type=int, default=1000, help="steps between checkpoints (and one at the end)")
+    ap.add_argument("--ckpt_interval", type=int, default=1000,
+                    help="steps between checkpoints (and one at the end)")
     ap.add_argument("--workers", type=int, default=2, help="data loader worker processes")
     ap.add_argument("--device", default="auto", help="cpu, cuda, mps or auto")
     ap.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"],
                     help="autocast dtype of the forward/backward; auto: bfloat16 on CUDA, float32 elsewhere")
     ap.add_argument("--compile", type=int, default=1, help="torch.compile the model on CUDA (1/0)")
-    ap.add_argument("--peak_tflops", type=float, default=0, help="the device's dense bf16 TFLOP/s for MFU (0: from the GPU's name)")
+    ap.add_argument("--peak_tflops", type=float, default=0,
+                    help="the device's dense bf16 TFLOP/s for MFU (0: from the GPU's name)")
     ap.add_argument("--seed", type=int, default=0, help="model init, data order and augmentation")
     ap.add_argument("--resume", action="store_true", help="continue from OUT/ckpt.pt with its saved settings")
     argv = sys.argv[1:] if argv is None else argv
@@ -95,7 +111,8 @@ class PackedWindows(torch.utils.data.Dataset):
     windows start at a random per-epoch offset; augmented with a generator seeded by (seed, g)."""
 
     def __init__(self, folder, split, seq_len, seed, augment):
-        self.path, self.seq_len, self.seed, self.augment = Path(folder) / f"{split}.bin", seq_len, seed, augment
+        self.path, self.seq_len = Path(folder) / f"{split}.bin", seq_len
+        self.seed, self.augment = seed, augment
         self.n = max(0, (self.path.stat().st_size // 2 - 1 - seq_len) // seq_len)
         self.tokens, self.perms = None, {}
 
@@ -132,7 +149,8 @@ def load_data(args, rank, world):
             torch.distributed.barrier()
     train_set = PackedWindows(data, "train", args.seq_len, args.seed, args.augment)
     if len(train_set) == 0:
-        sys.exit(f"pretrain.py: {data} has fewer than {2 * args.seq_len + 1} training tokens for --seq_len {args.seq_len}")
+        sys.exit(f"pretrain.py: {data} has fewer than {2 * args.seq_len + 1} training tokens "
+                 f"for --seq_len {args.seq_len}")
     return train_set, PackedWindows(data, "val", args.seq_len, args.seed, False)
 
 
@@ -150,7 +168,9 @@ def main():
         args = get_args()
     except M.CheckpointError as e:
         sys.exit(f"pretrain.py: {e}")
-    rank, world, device = TR.setup_distributed(args.device)
+    proc = TR.setup_distributed(args.device)
+    rank, world = proc.rank, proc.world
+    device = proc.device
     master, out = rank == 0, Path(args.out)
     amp = TR.autocast_dtype(args.dtype, device)
     autocast = torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None)
@@ -165,9 +185,11 @@ def main():
         vocab = M.data_vocab(args.data)
     except M.CheckpointError as e:
         sys.exit(f"pretrain.py: {e}")
-    model = M.Aria(M.replace(cfg, max_seq_len=max(cfg.max_seq_len, args.seq_len), vocab_size=vocab)).to(device)
-    micro, model.config.grad_checkpoint, _, plan = TR.plan_batch(model.config, args.seq_len, args.batch_size, device,
-                                                             args.micro_batch, args.grad_checkpoint, amp is not None)
+    model = M.Aria(replace(cfg, max_seq_len=max(cfg.max_seq_len, args.seq_len), vocab_size=vocab)).to(device)
+    planned = TR.plan_batch(model.config, args.seq_len, args.batch_size, device, args.micro_batch,
+                           args.grad_checkpoint, amp is not None)  # (micro, checkpointing, bytes, line)
+    micro, model.config.grad_checkpoint = planned.micro, planned.grad_ckpt
+    plan = planned.line
     accum = args.batch_size // micro
     per_step = args.batch_size * world
     if args.max_iters is None:
@@ -176,8 +198,9 @@ def main():
     if master:
         out.mkdir(parents=True, exist_ok=True)
         print(f"pretrain: {args.preset} ({model.num_params() / 1e6:.1f}M params) on {device}, world {world}, "
-              f"{'autocast ' + str(amp).replace('torch.', '') if amp else 'float32'}; {len(train_set)} windows of "
-              f"{args.seq_len} tokens per epoch; {args.max_iters} steps of {per_step} sequences "
+              f"{'autocast ' + str(amp).replace('torch.', '') if amp else 'float32'}; "
+              f"{len(train_set)} windows of {args.seq_len} tokens per epoch; "
+              f"{args.max_iters} steps of {per_step} sequences "
               f"({args.max_iters * per_step / len(train_set):.2f} epochs); per process {plan}")
 
     # optimizer; --resume restores weights, optimizer moments, step and RNG (data order needs only the step)
@@ -199,7 +222,8 @@ def main():
     raw, ddp = model, None
     model = TR.LMLoss(raw)
     if torch.distributed.is_initialized():
-        model = ddp = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+        device_ids = [device.index] if device.type == "cuda" else None
+        model = ddp = torch.nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
     if device.type == "cuda" and args.compile:
         model = torch.compile(model)
 
@@ -214,9 +238,9 @@ def main():
 
     def save():
         if master:
+            rng_cuda = {"rng_cuda": torch.cuda.get_rng_state(device)} if device.type == "cuda" else {}
             M.save_checkpoint(out / "ckpt.pt", raw, optimizer=opt.state_dict(), step=step, args=vars(args),
-                              rng_cpu=torch.get_rng_state(),
-                              **({"rng_cuda": torch.cuda.get_rng_state(device)} if device.type == "cuda" else {}))
+                              rng_cpu=torch.get_rng_state(), **rng_cuda)
         if world > 1:
             torch.distributed.barrier()
 
@@ -242,7 +266,8 @@ def main():
     # rates count training only: the clock is stopped for evaluation and checkpoints, and the
     # first step of a job (compilation, loader start-up) is reported on its own. Nothing in a step
     # waits for the device (no .item(), no int() of a device tensor): the log line does, once
-    t_mark, busy, n_steps = time.time(), 0.0, 0
+    t_mark, busy = time.time(), 0.0
+    n_steps = 0
     model.train()
     while step < stop:
         lr = TR.lr_at(step, args.lr, args.warmup, args.max_iters, args.final_lr_frac)
@@ -252,7 +277,7 @@ def main():
         try:
             for i in range(accum):
                 batch = next(batches).to(device, non_blocking=True)
-                if ddp is not None:  # under torchrun: all-reduce gradients in the last micro-step's backward only
+                if ddp is not None:  # under torchrun: all-reduce gradients in the last micro-step's backward
                     ddp.require_backward_grad_sync = i == accum - 1
                 with autocast:
                     loss = model(batch)  # float32 (TR.LMLoss)
@@ -262,8 +287,9 @@ def main():
                 torch.nn.utils.clip_grad_norm_(raw.parameters(), args.grad_clip)
             opt.step()
         except torch.cuda.OutOfMemoryError:
-            sys.exit(f"pretrain.py: out of GPU memory with micro-batches of {micro} x {args.seq_len} and activation "
-                     f"checkpointing {'on' if raw.config.grad_checkpoint else 'off'}: lower --micro_batch or set --grad_checkpoint 1")
+            sys.exit(f"pretrain.py: out of GPU memory with micro-batches of {micro} x {args.seq_len} and "
+                     f"activation checkpointing {'on' if raw.config.grad_checkpoint else 'off'}: "
+                     "lower --micro_batch or set --grad_checkpoint 1")
         opt.zero_grad(set_to_none=True)
         step += 1
         n_steps += 1
@@ -271,8 +297,10 @@ def main():
         if step == first + 1 and step < stop:
             sync()
             if master:
-                print(f"first step took {time.time() - t_mark:.1f} s (compilation, loader start-up); not in the rates")
-            t_mark, busy, n_steps = time.time(), 0.0, 0
+                print(f"first step took {time.time() - t_mark:.1f} s (compilation, loader start-up); "
+                      "not in the rates")
+            t_mark, busy = time.time(), 0.0
+            n_steps = 0
         if step % args.log_interval == 0 or step == stop:
             if world > 1:
                 torch.distributed.all_reduce(loss_sum, op=torch.distributed.ReduceOp.AVG)
@@ -287,7 +315,8 @@ def main():
                            **({"mfu": round(mfu, 4)} if mfu else {}))
                 rec["eta_s"] = round((stop - step) * busy / n_steps)
             log(rec)
-            t_mark, busy, n_steps = time.time(), 0.0, 0
+            t_mark, busy = time.time(), 0.0
+            n_steps = 0
         evaluating = args.eval_interval and step % args.eval_interval == 0 or step == stop
         saving = args.ckpt_interval and step % args.ckpt_interval == 0 or step == stop
         if evaluating or saving:

@@ -1,13 +1,13 @@
 """
 Aria's MIDI tokenizer: MIDI (via mido) <-> token ids, exactly the ids of the official
-`ariautils.tokenizer.AbsTokenizer` that trained the released checkpoints (paper §3.1, SPEC §A;
-the token layout is in README), and of its pedal mode (`pedal=True`: the official include_pedal,
-the demo checkpoint's). Also the augmentations, prompts and note slices of the stages.
+`ariautils.tokenizer.AbsTokenizer` that trained the released checkpoints (paper §3.1; the token
+layout is in README), and of its pedal mode (`pedal=True`: the official include_pedal, the demo
+checkpoint's). Also the augmentations, prompts and note slices of the stages.
+"Official" is EleutherAI/aria-utils @ e122d03 (paths ariautils/...) and EleutherAI/aria @ b0486c8.
 `python tokenizer.py song.mid` prints readable tokens (--json: one line of ids per file).
 
-No torch here: data preparation runs this in many worker processes. It is much faster than
-the official code because it parses once (no deep copies) and looks tempo and pedal changes
-up by bisection instead of scanning them per note.
+No torch here: data preparation runs this in many worker processes. It is much faster than the official
+code because it parses once (no deep copies) and looks tempo and pedal changes up by bisection.
 """
 import bisect
 import hashlib
@@ -21,12 +21,12 @@ import mido
 import numpy as np
 
 # -----------------------------------------------------------------------------
-# Configuration (SPEC §A.1, the official `tokenizer.abs` config)
+# Configuration (official ariautils/config/config.json, section `tokenizer.abs`)
 
 TIME_STEP_MS = 10        # onset/duration grid (paper §3.1)
 SEGMENT_MS = 5000        # onsets are relative to 5000 ms segments marked by <T>
 MAX_DUR_MS = 5000
-VELOCITY_STEP = 10       # 12 reachable bins, 10..120 (SPEC §G.1)
+VELOCITY_STEP = 10       # 12 reachable bins, 10..120 (official AbsTokenizer._quantize_velocity)
 DRUM_VELOCITY = 60       # only used when writing MIDI
 DRUM_CHANNEL = 9
 DEFAULT_TEMPO = 500000   # µs per beat when a file has no set_tempo
@@ -47,9 +47,11 @@ FORMS = ["sonata", "prelude", "nocturne", "étude", "waltz", "mazurka", "impromp
 GENRES = ["jazz", "classical"]
 
 # -----------------------------------------------------------------------------
-# Vocabulary: the official order (SPEC §A.2), 17727 ids
+# Vocabulary: the official order (AbsTokenizer.__init__), 17727 ids
 
-BOS_ID, EOS_ID, PAD_ID, UNK_ID, DIM_ID, SEG_ID = range(6)
+BOS_ID, EOS_ID = 0, 1  # <S>, <E>
+PAD_ID, UNK_ID = 2, 3  # <P>, <U>
+DIM_ID, SEG_ID = 4, 5  # <D>, <T>
 VELOCITIES = list(range(0, 121, VELOCITY_STEP))  # 13 values; velocity 0 is never produced
 
 VOCAB = ["<S>", "<E>", "<P>", "<U>", "<D>", "<T>"]
@@ -68,8 +70,8 @@ VOCAB += ["<PED_ON>", "<PED_OFF>"]
 PEDAL_VOCAB_SIZE = len(VOCAB)
 TOKEN_TO_ID = {tok: i for i, tok in enumerate(VOCAB)}
 # checkpoints and datasets store these, so a model is never paired with a different vocabulary
-VOCAB_HASH, PEDAL_VOCAB_HASH = (hashlib.sha256(json.dumps(VOCAB[:n], ensure_ascii=False).encode()).hexdigest()[:16]
-                                for n in (VOCAB_SIZE, PEDAL_VOCAB_SIZE))
+VOCAB_HASH, PEDAL_VOCAB_HASH = (hashlib.sha256(json.dumps(VOCAB[:n], ensure_ascii=False).encode())
+                                .hexdigest()[:16] for n in (VOCAB_SIZE, PEDAL_VOCAB_SIZE))
 
 PREFIX_START = 6
 NOTE_START = TOKEN_TO_ID[("piano", 0, 0)]          # 39
@@ -80,11 +82,12 @@ ONSET_START = TOKEN_TO_ID[("onset", 0)]            # 17227
 INSTRUMENT_PREFIX_ID = {x: TOKEN_TO_ID[("prefix", "instrument", x)] for x in INSTRUMENTS + ["drum"]}
 
 # token classes (grammar-constrained sampling, augmentations): each over its ids, in vocabulary order
-SPECIAL, PREFIX, NOTE, DRUM, ONSET, DUR, PEDAL = range(7)
+SPECIAL, PREFIX = 0, 1
+NOTE, DRUM = 2, 3
+ONSET, DUR = 4, 5
+PEDAL = 6
 TOKEN_CLASS = np.repeat(np.array([SPECIAL, PREFIX, NOTE, DRUM, DUR, ONSET, PEDAL], dtype=np.uint8), np.diff(
     [0, PREFIX_START, NOTE_START, DRUM_START, DUR_START, ONSET_START, VOCAB_SIZE, PEDAL_VOCAB_SIZE]))
-
-
 _CLASS = TOKEN_CLASS.tolist()  # for Python loops: a list lookup is several times faster than numpy's
 
 
@@ -112,12 +115,13 @@ def token_str(i):
 
 
 # -----------------------------------------------------------------------------
-# Quantizers (SPEC §A.5). The official nearest-value search is a binary search
-# whose path decides exact ties (onset 515 -> 510 but 545 -> 550); token ids
+# Quantizers. The official nearest-value search (ariautils/tokenizer/_base.py, Tokenizer._find_closest_int)
+# is a binary search whose path decides exact ties (onset 515 -> 510 but 545 -> 550); token ids
 # depend on it, so the tables are built with the same search.
 
 def _closest(values, x):
-    left, right, closest = 0, len(values) - 1, values[0]
+    left, right = 0, len(values) - 1
+    closest = values[0]
     while left <= right:
         mid = (left + right) // 2
         if abs(values[mid] - x) < abs(closest - x):
@@ -131,9 +135,9 @@ def _closest(values, x):
 
 _ONSET_GRID = list(range(0, SEGMENT_MS, TIME_STEP_MS))  # lists: indexing a range is 3x slower at import
 _DUR_GRID = list(range(0, MAX_DUR_MS + 1, TIME_STEP_MS))
-ONSET_Q = [_closest(_ONSET_GRID, x) for x in range(SEGMENT_MS)]                      # ms in segment -> onset
-_ONSET_IDS = [ONSET_START + q // TIME_STEP_MS for q in ONSET_Q]                       # ms in segment -> its id
-DUR_Q = [max(_closest(_DUR_GRID, x), TIME_STEP_MS) for x in range(MAX_DUR_MS + 6)]   # ms -> dur (10..5000)
+ONSET_Q = [_closest(_ONSET_GRID, x) for x in range(SEGMENT_MS)]                     # ms in segment -> onset
+_ONSET_IDS = [ONSET_START + q // TIME_STEP_MS for q in ONSET_Q]                      # ms in segment -> its id
+DUR_Q = [max(_closest(_DUR_GRID, x), TIME_STEP_MS) for x in range(MAX_DUR_MS + 6)]  # ms -> dur (10..5000)
 VELOCITY_Q = [0] + [max(_closest(VELOCITIES, v), 10) for v in range(1, 128)]
 
 
@@ -142,7 +146,7 @@ def quantize_dur(ms):
 
 
 # -----------------------------------------------------------------------------
-# MIDI parsing (SPEC §A.3)
+# MIDI parsing (official ariautils/midi.py: MidiDict.from_midi, midi_to_dict, _extract_track_data)
 
 class TokenizerError(Exception):
     """A MIDI file that cannot be read or tokenized; the message is one line naming the file."""
@@ -158,7 +162,7 @@ class Score:
 
     Ticks become ms correctly across tempo changes, each piece summed in the official order
     (ticks * tempo * 1e-6 / tpb, then x1e3 and Python's round) so ids match the official
-    tokenizer bit for bit where it is right; its multi-tempo bug (SPEC §A.3) is not copied.
+    tokenizer bit for bit where it is right; not the multi-tempo bug of its midi.py get_duration_ms.
     """
 
     def __init__(self, ticks_per_beat, notes, tempos, programs, pedals, path="", sliced=False):
@@ -174,16 +178,17 @@ class Score:
 
     def with_notes(self, notes):
         """A copy holding only `notes` (pedals, tempos and programs shared): note slices."""
-        return Score(self.ticks_per_beat, notes, self.tempos, self.programs, self.pedals, self.path, sliced=True)
+        return Score(self.ticks_per_beat, notes, self.tempos, self.programs, self.pedals, self.path,
+                     sliced=True)
 
     def duration_ms(self, start, end):
         """ms from tick `start` to tick `end` (the first tempo also covers ticks before it, as officially)."""
         ticks, scales = self._ticks, self._scales
         if len(ticks) == 1:
             return round((end - start) * scales[0] * 1e3)
-        k = max(bisect.bisect_right(ticks, start) - 1, 0)
-        scale, cur, sec = scales[k], start, 0.0
-        k += 1
+        k = max(bisect.bisect_right(ticks, start), 1)  # the next tempo change
+        scale, cur = scales[k - 1], start
+        sec = 0.0
         while k < len(ticks) and ticks[k] < end:
             sec += (ticks[k] - cur) * scale
             cur, scale = ticks[k], scales[k]
@@ -196,9 +201,9 @@ class Score:
         if len(ticks) == 1:
             scale = scales[0]
             return [round((s - origin) * scale * 1e3) for s in starts]
-        k = max(bisect.bisect_right(ticks, origin) - 1, 0)
-        scale, cur, sec = scales[k], origin, 0.0
-        k += 1
+        k = max(bisect.bisect_right(ticks, origin), 1)  # the next tempo change
+        scale, cur = scales[k - 1], origin
+        sec = 0.0
         out = []
         for s in starts:
             while k < len(ticks) and ticks[k] < s:
@@ -210,7 +215,7 @@ class Score:
 
 
 def load_midi(src):
-    """Parse a MIDI file (path, bytes, file object or mido.MidiFile) into a Score; a Score is returned as is."""
+    """A MIDI file (path, bytes, file object or mido.MidiFile) -> Score; a Score is returned as is."""
     if isinstance(src, Score):
         return src
     path = str(src if isinstance(src, (str, os.PathLike)) else getattr(src, "filename", "") or "<midi>")
@@ -230,7 +235,8 @@ def load_midi(src):
     if not mid.ticks_per_beat or mid.ticks_per_beat <= 0:
         raise TokenizerError(f"{path}: unsupported MIDI timing (SMPTE or zero ticks per beat)")
 
-    notes, tempos, programs, pedals = [], [], [], []
+    notes, tempos = [], []
+    programs, pedals = [], []
     for track in mid.tracks:
         tick = 0
         open_notes = {}  # (pitch, channel) -> [(start_tick, velocity), ...] in push order
@@ -265,12 +271,12 @@ def load_midi(src):
 
 
 # -----------------------------------------------------------------------------
-# Tokenization (SPEC §A.4-A.6)
+# Tokenization (official ariautils/tokenizer/absolute.py: AbsTokenizer._tokenize_midi_dict, _format)
 
 def tokenize(src, *, dim=True, eos=True, keep_silence=False, metadata=None, rng=None, pedal=False):
     """MIDI (anything load_midi takes) -> list of token ids.
 
-    dim:          insert <D> ~100 tokens before the end (SPEC §A.6; official default True)
+    dim:          insert <D> ~100 tokens before the end (official AbsTokenizer._format; default True)
     eos:          end with <E>
     keep_silence: keep the silence before the first note (official remove_preceding_silence=False)
     metadata:     {"composer"|"form"|"genre": name} adds those prefix tokens when the name is known
@@ -283,7 +289,7 @@ def tokenize(src, *, dim=True, eos=True, keep_silence=False, metadata=None, rng=
     score = load_midi(src)
     if not score.notes:
         raise TokenizerError(f"{score.path}: no notes")
-    # a channel with any program of an ignored class is dropped, pedals too (SPEC §A.4)
+    # a channel with any program of an ignored class is dropped, pedals too (official remove_instruments)
     dropped = {ch for _, ch, prog in score.programs
                if ch != DRUM_CHANNEL and PROGRAM_TO_CLASS[prog] not in INSTRUMENTS}
     notes, pedals = score.notes, score.pedals
@@ -309,8 +315,8 @@ def tokenize(src, *, dim=True, eos=True, keep_silence=False, metadata=None, rng=
     if rng is not None:
         rng.shuffle(prefix)
 
-    # per channel, the sorted start and end ticks of its sustain intervals (SPEC §A.4.2); a pedal
-    # left pressed is released at the end of the last-starting note (official)
+    # per channel, the sorted start and end ticks of its sustain intervals; a pedal left pressed is
+    # released at the end of the last-starting note (official MidiDict._build_pedal_intervals)
     intervals, open_at = {}, {}
     for tick, ch, on in pedals + [(notes[-1][1], ch, 0) for ch in {p[1] for p in pedals}]:
         if on:
@@ -376,13 +382,10 @@ def insert_dim(body, offset=-100):
     return body
 
 
-# -----------------------------------------------------------------------------
-# Helpers for the stages: prompts, note slices
-
 def prompt(src, seconds=15.0, pedal=False):
-    """Prompt ids for generation: the notes starting in the first `seconds` (SPEC §D.1), durations
-    whole, the pedal messages up to the cut but for a last press (so a pedal held at the cut is
-    released at the last note's end); no notes gives the from-scratch `piano <S>`."""
+    """Prompt ids for generation (official aria/inference/__init__.py, get_inference_prompt): the notes
+    starting in the first `seconds`, durations whole, the pedal messages up to the cut but for a last press
+    (a pedal held at the cut is released at the last note's end); no notes: the from-scratch `piano <S>`."""
     score = load_midi(src)
     limit = seconds * 1000
     notes = [n for n in score.notes if score.duration_ms(0, n[0]) <= limit]
@@ -396,8 +399,8 @@ def prompt(src, seconds=15.0, pedal=False):
 
 
 def note_chunks(src, notes_per_chunk=300, max_len=2048, pedal=False):
-    """Consecutive `notes_per_chunk`-note slices, each tokenized without <D>, cut to max_len
-    and ending in <E>: exactly what the official embedding API feeds the model (SPEC §D.4)."""
+    """Consecutive `notes_per_chunk`-note slices, each tokenized without <D>, cut to max_len and ending
+    in <E>: exactly what the official aria/embedding.py get_global_embedding_from_midi feeds the model."""
     score = load_midi(src)
     chunks = [tokenize(score.with_notes(score.notes[i:i + notes_per_chunk]), dim=False, pedal=pedal)[:max_len]
               for i in range(0, len(score.notes), notes_per_chunk)]
@@ -407,7 +410,8 @@ def note_chunks(src, notes_per_chunk=300, max_len=2048, pedal=False):
 
 
 def random_slice(src, rng, min_notes=100, max_notes=650):
-    """A random contiguous slice of min..max notes (a contrastive view, paper §3.3 / SPEC §C.3)."""
+    """A random contiguous slice of min..max notes (a contrastive view, paper §3.3; official
+    ContrastiveDataset.get_slice in aria/training/contrastive_finetune.py)."""
     score = load_midi(src)
     n = len(score.notes)
     length = rng.randint(min_notes, max_notes)
@@ -416,14 +420,14 @@ def random_slice(src, rng, min_notes=100, max_notes=650):
 
 
 # -----------------------------------------------------------------------------
-# Detokenization (SPEC §A.7): ids -> notes in ms -> a type-0 MIDI file at 1 tick = 1 ms
+# Detokenization (official AbsTokenizer._detokenize_midi_dict): ids -> notes in ms -> MIDI, 1 tick = 1 ms
 
 def _events(ids, k=0):
     """Walk ids[k:] (ints in range): (time_ms, token, dur_ms) for a note, (time_ms, token, None) for a
-    drum hit or pedal change, (None, token, None) for any other token. <U> + onset, no dur, is a
-    drum outside 35..81: the official augmentation, working on tokens, keeps it as a drum hit, and
-    so do we."""
-    n, base, cls_of = len(ids), 0, _CLASS
+    drum hit or pedal change, (None, token, None) for any other token. <U> + onset, no dur, is a drum
+    outside 35..81: the official augmentation, working on tokens, keeps it as a drum hit, as we do."""
+    n, cls_of = len(ids), _CLASS
+    base = 0
     while k < n:
         i = ids[k]
         cls = cls_of[i]
@@ -457,9 +461,8 @@ def detokenize_notes(ids, pedals=False):
     programs = {ch: 0 if inst == "drum" else INSTRUMENT_PROGRAMS[inst] for inst, ch in channel_of.items()}
     notes, changes = [], []
     for start, i, dur in _events(ids):
-        if dur is not None and VOCAB[i][0] in channel_of:
-            inst, pitch, vel = VOCAB[i]
-            notes.append((start, start + dur, pitch, vel, channel_of[inst]))
+        if dur is not None and VOCAB[i][0] in channel_of:  # VOCAB[i]: (instrument, pitch, velocity)
+            notes.append((start, start + dur, VOCAB[i][1], VOCAB[i][2], channel_of[VOCAB[i][0]]))
         elif start is None:
             continue
         elif i >= PED_ON_ID:
@@ -470,8 +473,7 @@ def detokenize_notes(ids, pedals=False):
 
 
 def notes_to_midi(notes, programs, pedals=()):
-    """Notes in ms (and pedal changes (ms, on)) -> a type-0 mido.MidiFile with 500 ticks per beat at
-    120 bpm (1 tick = 1 ms)."""
+    """Notes in ms (and pedal changes (ms, on)) -> type-0 mido.MidiFile, 1 tick = 1 ms (500 tpb, 120 bpm)."""
     # MIDI can't overlap a pitch on a channel: a note struck again is cut short there (one cut to
     # zero length is still written, as officially: it reparses as a re-strike)
     notes = sorted(notes, key=lambda n: (n[4], n[2], n[0], n[1]))  # by channel, pitch, time
@@ -484,7 +486,7 @@ def notes_to_midi(notes, programs, pedals=()):
     for start, end, pitch, vel, ch in notes:
         events += [(start, 1, ch, pitch, vel), (end, 0, ch, pitch, 0)]
     events.sort(key=lambda e: (e[0], e[1]))
-    # tempo and programs first: the official writer puts the program after tick-0 notes (SPEC §G.15)
+    # tempo and programs first: the official dict_to_midi (midi.py) puts the program after tick-0 notes
     track = mido.MidiTrack([mido.MetaMessage("set_tempo", tempo=DEFAULT_TEMPO, time=0)])
     track += [mido.Message("program_change", channel=ch, program=p, time=0)
               for ch, p in sorted(programs.items()) if ch != DRUM_CHANNEL]
@@ -498,13 +500,13 @@ def notes_to_midi(notes, programs, pedals=()):
 
 
 def detokenize(ids):
-    """ids (either mode) -> mido.MidiFile (SPEC §A.7), pedal tokens as CC64 changes on channel 0.
-    Incomplete events and unknown ids are skipped."""
+    """ids (either mode) -> mido.MidiFile (official AbsTokenizer.detokenize, then MidiDict.to_midi),
+    pedal tokens as CC64 changes on channel 0. Incomplete events and unknown ids are skipped."""
     return notes_to_midi(*detokenize_notes(ids, pedals=True))
 
 
 # -----------------------------------------------------------------------------
-# Augmentation on token ids (paper §3.2: pitch ±5, velocity ±10, tempo ±20%; SPEC §A.8)
+# Augmentation on ids (paper §3.2: pitch ±5, velocity ±10, tempo ±20%; official AbsTokenizer.export_*)
 
 def pitch_shift(ids, k):
     """Transpose notes by k semitones; notes leaving 0..127 become <U> (their onset/dur stay)."""
@@ -526,14 +528,12 @@ def velocity_shift(ids, step):
     return ids
 
 
-def _q10(x):
-    return round(x / TIME_STEP_MS) * TIME_STEP_MS
-
-
 def tempo_scale(ids, factor, rng=None):
-    """Stretch time by `factor` (official HEAD tempo_aug, SPEC §A.8), re-segmenting across <T>.
+    """Stretch time by `factor`, re-segmenting across <T> (official AbsTokenizer.export_tempo_aug).
     Events are regrouped by time; with an rng, events sharing an onset are shuffled (mixup). <U>/<P>
     are dropped, <E> moves to the end, <D> follows the events at its time; the length may change."""
+    def q10(ms):  # to the 10 ms grid with Python's round, as the official _quantize_time
+        return round(ms / TIME_STEP_MS) * TIME_STEP_MS
     ids = [int(i) for i in ids]
     k = 0
     while k < len(ids) and (ids[k] == BOS_ID or TOKEN_CLASS[ids[k]] == PREFIX):
@@ -557,7 +557,7 @@ def tempo_scale(ids, factor, rng=None):
         events = groups[t]
         if rng is not None:
             rng.shuffle(events)
-        tt = _q10(t * factor)
+        tt = q10(t * factor)
         seg = tt // SEGMENT_MS
         if seg > segment:
             out.extend([SEG_ID] * (seg - segment))
@@ -566,7 +566,7 @@ def tempo_scale(ids, factor, rng=None):
         for tok, dur in events:
             out += (tok, onset)
             if dur is not None:
-                out.append(dur_id(min(max(_q10(dur * factor), TIME_STEP_MS), MAX_DUR_MS)))
+                out.append(dur_id(min(max(q10(dur * factor), TIME_STEP_MS), MAX_DUR_MS)))
         out.extend([DIM_ID] * dims.pop(t, 0))
     if has_eos:
         out.append(EOS_ID)
@@ -583,7 +583,7 @@ def per_piece(ids, fn):
 
 
 def augment(ids, rng, pitch=5, velocity=1, tempo=0.2, mixup=True, fit=True):
-    """Training augmentation (SPEC §A.8 `export_data_aug`): tempo, then pitch, then velocity,
+    """Training augmentation (official AbsTokenizer.export_data_aug): tempo, then pitch, then velocity,
     drawn per piece. `rng` is a random.Random, so a seed reproduces it. fit=False keeps the
     stretched length (one piece, e.g. a contrastive view whose <E> must survive)."""
     def one(part):
@@ -624,7 +624,8 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description="Tokenize MIDI files with the Aria tokenizer.",
                                  formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     ap.add_argument("files", nargs="+", help="MIDI files")
-    ap.add_argument("--json", action="store_true", help='one JSON line per file: {"file", "ids"} or {"file", "error"}')
+    ap.add_argument("--json", action="store_true",
+                    help='one JSON line per file: {"file", "ids"} or {"file", "error"}')
     ap.add_argument("--no-dim", dest="dim", action="store_false", help="leave out the <D> token")
     ap.add_argument("--pedal", action="store_true", help="pedal mode (official include_pedal; piano only)")
     args = ap.parse_args(argv)
@@ -632,8 +633,8 @@ def main(argv=None):
     for path in args.files:
         try:
             ids = tokenize(path, dim=args.dim, pedal=args.pedal)
-            print(json.dumps({"file": path, "ids": ids}) if args.json else f"# {path}: {len(ids)} tokens\n{_readable(ids)}",
-                  flush=True)
+            print(json.dumps({"file": path, "ids": ids}) if args.json
+                  else f"# {path}: {len(ids)} tokens\n{_readable(ids)}", flush=True)
         except TokenizerError as e:
             failed += 1
             print(json.dumps({"file": path, "error": str(e)}) if args.json else f"error: {e}",

@@ -7,6 +7,7 @@ Each script still carries its whole loop in the open; this file holds no loop.
 import hashlib
 import os
 import sys
+from collections import namedtuple
 from pathlib import Path
 
 import torch
@@ -20,6 +21,10 @@ from model import CheckpointError, ModelConfig
 
 
 
+Process = namedtuple("Process", "rank world device")
+Plan = namedtuple("Plan", "micro grad_ckpt bytes line")
+
+
 def setup_distributed(device="auto", tf32=True):
     """-> (rank, world_size, device). Under torchrun: NCCL on CUDA, gloo on CPU. On CUDA, float32
     matmuls run in TF32 unless tf32=False (what runs under bf16 autocast is not affected)."""
@@ -31,7 +36,7 @@ def setup_distributed(device="auto", tf32=True):
     if device.startswith("cuda"):
         torch.set_float32_matmul_precision("high" if tf32 else "highest")
     if "RANK" not in os.environ:
-        return 0, 1, torch.device(device)
+        return Process(0, 1, torch.device(device))
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     local = int(os.environ.get("LOCAL_RANK", 0))
     if device.startswith("cuda"):
@@ -39,7 +44,7 @@ def setup_distributed(device="auto", tf32=True):
         device = f"cuda:{local}"
     if not dist.is_initialized():
         dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
-    return rank, world, torch.device(device)
+    return Process(rank, world, torch.device(device))
 
 
 def autocast_dtype(name, device) -> torch.dtype | None:
@@ -160,8 +165,9 @@ def plan_batch(cfg, seq_len, batch, device, micro=0, grad_ckpt="auto", amp=True,
     fitting = (p for p, need in plans.items() if capacity is None or need <= 0.8 * capacity)
     ckpt, m = next(fitting, list(plans)[-1])  # the smallest plan when none fits: an OOM will say so
     fits = f"; estimated {plans[ckpt, m] / 2**30:.1f} of {capacity / 2**30:.1f} GiB" if capacity else ""
-    return m, ckpt, plans[ckpt, m], (f"micro-batches of {m} x {seq_len} ({batch // m} per step), "
-                                     f"activation checkpointing {'on' if ckpt else 'off'}{fits}")
+    line = (f"micro-batches of {m} x {seq_len} ({batch // m} per step), "
+            f"activation checkpointing {'on' if ckpt else 'off'}{fits}")
+    return Plan(m, ckpt, plans[ckpt, m], line)
 
 
 def stratified_split(names, labels, valid_frac=0.1, test_frac=0.1):

@@ -260,8 +260,9 @@ def tiny(tmp_path_factory):
 
 
 def by_hand(model, path, notes_per_chunk, max_len=256, max_chunks=0):
-    """The official recipe written out (SPEC §D.4): consecutive note slices, each tokenized without
-    <D>, cut to max_len with the last token forced to <E>, one at a time; the mean of the head at <E>."""
+    """The official recipe written out (aria/embedding.py @ b0486c8, get_global_embedding_from_midi):
+    consecutive note slices, each tokenized without <D>, cut to max_len with the last token forced to
+    <E>, one at a time; the mean of the head at <E>."""
     score = T.load_midi(str(path))
     starts = range(0, len(score.notes), notes_per_chunk)
     zs = []

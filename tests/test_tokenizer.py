@@ -1,4 +1,5 @@
-"""tokenizer.py: official ids (goldens in ../shared), round trips, augmentation, bad input, CLI."""
+"""tokenizer.py: official ids (goldens in ../shared), round trips, augmentation, bad input, CLI.
+"Official": EleutherAI/aria-utils @ e122d03 (paths ariautils/...) and EleutherAI/aria @ b0486c8."""
 import io
 import json
 import random
@@ -36,7 +37,7 @@ def test_vocab_and_quantizers_match_official():
     v = golden("vocab.json")
     assert T.VOCAB_SIZE == v["vocab_size"] == 17727 and T.PAD_ID == v["pad_id"]
     assert [list(t) if isinstance(t, tuple) else t for t in T.VOCAB[:T.VOCAB_SIZE]] == v["tokens"]
-    # pedal mode appends two tokens (SPEC §A.1, §G.19)
+    # pedal mode appends two tokens (official AbsTokenizer.__init__, include_pedal; aria/demo/config.json)
     assert T.VOCAB[T.VOCAB_SIZE:] == ["<PED_ON>", "<PED_OFF>"] and (T.PED_ON_ID, T.PED_OFF_ID) == (17727, 17728)
     assert T.PEDAL_VOCAB_SIZE == len(T.TOKEN_CLASS) == 17729
     q = golden("quantizers.json")
@@ -64,7 +65,7 @@ def test_variants_prompt_chunks_and_detokenize_match_official(name):
         == score.notes
     ref = json.loads((GOLDEN / "tokens.json").read_text())[name]
     if ref["ids_no_dim"] != ref["ids_no_dim_official"]:
-        # these goldens carry the official multi-tempo bug (SPEC §A.3); only detokenize applies
+        # these goldens carry the official multi-tempo bug (midi.py get_duration_ms): detokenize only
         check_detokenize(g)
         return
     assert same_up_to_prefix_order(T.tokenize(score, dim=False, keep_silence=True),
@@ -121,7 +122,7 @@ def check_detokenize(g):
 
 
 def test_multitempo_timing_is_correct_not_official_bug():
-    # SPEC §A.3: 300 ticks at 600000 µs/beat, tpb 480 lasts 375 ms (the official code says 570)
+    # 300 ticks at 600000 µs/beat, tpb 480 last 375 ms; the official midi.py get_duration_ms says 570
     score = T.Score(480, [], [(0, 500000), (480, 600000)], [], [])
     assert score.duration_ms(960, 1260) == 375
     assert score.duration_ms(0, 960) == 500 + 600
@@ -322,8 +323,9 @@ def grid_notes(seed, n, channels=(0, 1)):
 
 
 def stretched(notes, f, k=0, v=0):
-    """What augment promises for notes in ms (paper §3.2, SPEC §A.8): onsets and durations x f on
-    the 10 ms grid (durations within 10..5000), pitch + k semitones, velocity + v bins of 10."""
+    """What augment promises for notes in ms (paper §3.2; official AbsTokenizer.export_data_aug):
+    onsets and durations x f on the 10 ms grid (durations within 10..5000), pitch + k semitones,
+    velocity + v bins of 10."""
     q = lambda x: round(x / 10) * 10
     return sorted((q(s * f), q(s * f) + min(max(q((e - s) * f), 10), 5000), p + k, vel + 10 * v, ch)
                   for s, e, p, vel, ch in notes)
