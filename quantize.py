@@ -236,9 +236,10 @@ def _attend_one(q, k, v, k_scale, v_scale, mask):
     where the eager ops write and read float copies. Eager elsewhere, with ARIA_KV_COMPILE=0, or
     when compiling fails (no C++ compiler: one warning, once)."""
     if q.device.type == "cpu" and os.environ.get("ARIA_KV_COMPILE", "1") != "0" and "off" not in _COMPILED:
-        fn = _COMPILED.setdefault("fn", torch.compile(_attend_one_eager, dynamic=True))
+        if "fn" not in _COMPILED:
+            _COMPILED["fn"] = torch.compile(_attend_one_eager, dynamic=True)
         try:
-            return fn(q, k, v, k_scale, v_scale, mask)
+            return _COMPILED["fn"](q, k, v, k_scale, v_scale, mask)
         except Exception as e:  # a missing compiler shows up only at the first call
             _COMPILED["off"] = True
             warnings.warn(f"compact KV cache: compiled attention unavailable ({type(e).__name__}); "

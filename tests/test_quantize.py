@@ -198,3 +198,63 @@ def test_sample_cli_quantize_changes_the_logits_and_checks_its_group(trained, tm
     r = run("sample.py", trained / "prompt.mid", "--ckpt", trained / "run", "--quantize", "int4", "--group_size", 48,
             "--device", "cpu")
     assert r.returncode == 1 and r.stderr.count("\n") == 1 and "--group_size 48" in r.stderr
+
+
+# -----------------------------------------------------------------------------
+# The compact KV cache (--kv): bf16, or int8 with a scale per token and head
+
+
+def _int8_round(x):
+    """What the int8 cache keeps of x (..., Dh): each row rounded on its own 1/127 grid."""
+    s = x.abs().amax(-1, keepdim=True).clamp_min(1e-12) / 127
+    return torch.round(x / s) * s
+
+
+class RoundedTwin(M.KVCache):
+    """A float32 cache holding exactly the values an int8 cache keeps: the exact twin."""
+
+    def update(self, pos, k, v, kv_len):
+        return super().update(pos, _int8_round(k), _int8_round(v), kv_len)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.int8])
+def test_compact_cache_stores_fewer_bytes_and_attends_over_what_it_stores(dtype):
+    torch.manual_seed(0)
+    shape = (2, 4, 64, 64)  # (B, H, L, Dh)
+    cache, full = Q.CompactKVCache(shape, dtype, "cpu"), M.KVCache(shape, torch.float32, "cpu")
+    per_float = full.bytes_per_slot()
+    assert cache.bytes_per_slot() == (per_float // 2 if dtype == torch.bfloat16 else per_float * 68 // 256)
+    k, v, q = torch.randn(2, 4, 41, 64), torch.randn(2, 4, 41, 64), torch.randn(2, 4, 1, 64)
+    cache.update(0, k[:, :, :40], v[:, :, :40], 40)  # a prefill...
+    y = cache.attend_one(q, 40, k[:, :, 40:], v[:, :, 40:], 41)  # ...then one decode step reads it
+    stored = (lambda x: x.bfloat16().float()) if dtype == torch.bfloat16 else _int8_round
+    ref = F.scaled_dot_product_attention(q, stored(k), stored(v))
+    assert (y - ref).abs().max() < 1e-5  # exact to its own rounding
+    assert (y - F.scaled_dot_product_attention(q, k, v)).abs().max() > 1e-5  # and it does round
+    mask = torch.arange(41) <= torch.tensor([[30], [40]])[:, None, :, None]  # (B, 1, 1, 41): row 0 sees 31
+    ym = cache.attend_one(q, torch.tensor([[40], [40]]), k[:, :, 40:], v[:, :, 40:], 41, mask)
+    assert (ym[0] - F.scaled_dot_product_attention(q[:1], stored(k)[:1, :, :31], stored(v)[:1, :, :31])[0]
+            ).abs().max() < 1e-5
+    if "off" not in Q._COMPILED:  # the compiled kernel (a C++ compiler is there) equals the eager ops
+        args = (q, cache.k[:, :, :41], cache.v[:, :, :41], *((cache.k_scale[:, :, :41], cache.v_scale[:, :, :41])
+                if cache.int8 else (None, None)), None)
+        assert (Q._attend_one(*args) - Q._attend_one_eager(*args)).abs().max() < 1e-5
+
+
+@torch.no_grad()
+def test_int8_cache_gives_the_greedy_tokens_of_its_exact_float_twin():
+    prompt = T.tokenize(T.load_midi(_bytes(piece(1))), dim=False, eos=False)[:150]
+    torch.manual_seed(3)
+    m = M.Aria(M.ModelConfig(d_model=128, n_heads=2, n_layers=2, max_seq_len=512)).eval()
+    m.setup_cache(2, 512, dtype=torch.int8)
+    rows = S.generate(m, prompt, 2, 80, temp=0)
+    for layer in m.model.encode_layers:
+        layer.kv_cache = RoundedTwin(layer.kv_cache.k.shape, torch.float32, "cpu")
+    assert S.generate(m, prompt, 2, 80, temp=0) == rows and len(rows[0]) > len(prompt)
+
+
+def test_sample_cli_records_the_kv_cache(trained, tmp_path):
+    r = run("sample.py", trained / "prompt.mid", "--ckpt", trained / "run", "--kv", "int8", "--out", tmp_path,
+            "--length", 30, "--device", "cpu")
+    assert r.returncode == 0 and "int8 KV cache" in r.stdout, r.stderr
+    assert json.loads((tmp_path / "prompt_1.json").read_text())["settings"]["kv"] == "int8"
