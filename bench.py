@@ -427,7 +427,7 @@ def bench_train(args):
     import torch.nn.functional as F
     import model as M
     import training as TR
-    device = TR.setup_distributed(args.device).device  # TF32 for float32 matmuls on CUDA, as the stage scripts
+    device = TR.setup_distributed(args.device).device  # TF32 for float32 matmuls on CUDA, as the stages
     dtype = args.dtype if args.dtype != "auto" else "bfloat16" if device.type == "cuda" else "float32"
     torch.manual_seed(0)
     cfg = replace(M.PRESETS[args.preset], max_seq_len=max(args.seq_len, M.PRESETS[args.preset].max_seq_len))
