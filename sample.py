@@ -42,7 +42,9 @@ KV_BUCKET = 256                 # cache slots read per step rounded up to this u
 END_CUE_TOKENS = 100            # as the generative finetune placed <D> (paper §3.2)
 PRIOR_TOKENS = 50
 PRIOR_MS_PER_TOKEN = 33
-KV_AUTO_QUANTIZED = "int8"      # --kv auto with quantized weights: the compact cache measured fastest
+# --kv auto with quantized weights: the cache measured fastest on a CPU. Not a compact one yet:
+# inductor's int8/bf16 attention reads slower than SDPA's float32 kernel (docs/performance.md)
+KV_AUTO_QUANTIZED = "float32"
 
 # -----------------------------------------------------------------------------
 # The token grammar. A body (after `prefix <S>`) is  (event | <T> | <D>)* <E>  with
@@ -578,7 +580,7 @@ def add_model_args(ap):
     ap.add_argument("--kv", default="auto", choices=["auto", "float32", "bfloat16", "int8"],
                     help="what the KV cache stores: auto = the weights' dtype (exact) for float weights, "
                          f"{KV_AUTO_QUANTIZED} with --quantize (measured fastest: docs/performance.md); "
-                         "int8 keeps a scale per token and head")
+                         "bfloat16 halves its bytes, int8 (a scale per token and head) quarters them")
     ap.add_argument("--threads", type=int, default=0,
                     help="torch CPU threads; 0 = torch's default (on a busy 2-core machine 1 is often faster)")
     ap.add_argument("--compile", action="store_true",
