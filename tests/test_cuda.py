@@ -27,6 +27,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+import grammar as G  # noqa: E402
 import model as M  # noqa: E402
 import quantize as Q  # noqa: E402
 import sample as S  # noqa: E402
@@ -49,7 +50,7 @@ def piano_prompt(n_events):
 
 
 def obeys_grammar(row, n_prompt):
-    g = S.Grammar([row[:n_prompt]])
+    g = G.Grammar([row[:n_prompt]])
     for tok in row[n_prompt:]:
         if g.bias()[0, tok] != 0:
             return False

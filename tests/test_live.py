@@ -18,6 +18,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 import live as L  # noqa: E402
+import grammar as G  # noqa: E402
 import model as M  # noqa: E402
 import player as P  # noqa: E402
 import sample as S  # noqa: E402
@@ -216,7 +217,7 @@ def _mid():
 @torch.no_grad()
 def test_onset_floor_and_seconds():
     m, prompt = tiny(1), T.tokenize(_mid(), dim=False, eos=False)
-    last = S.prompt_info(prompt)
+    last = G.prompt_info(prompt)
     t_last = last[3] * T.SEGMENT_MS + (last[2] - T.ONSET_START) * T.TIME_STEP_MS
     row = S.generate(m, prompt, 1, 200, seed=0, min_onset_ms=(t_last % T.SEGMENT_MS) + 1500)[0]
     new = S.split_notes(row, len(prompt))[1]

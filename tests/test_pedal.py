@@ -15,6 +15,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+import grammar as G  # noqa: E402
 import model as M  # noqa: E402
 import sample as S  # noqa: E402
 import tokenizer as T  # noqa: E402
@@ -90,7 +91,7 @@ def test_grammar_lets_pedal_events_in_and_alternates_them(tmp_path):
     torch.manual_seed(0)
     m = PedalHungry(M.ModelConfig(**SMALL, vocab_size=T.PEDAL_VOCAB_SIZE)).eval()
     prompt = T.prompt(str(pedal_midi(tmp_path / "p.mid")), 15, pedal=True)
-    down = S.prompt_info(prompt, T.PEDAL_VOCAB_SIZE)[4]
+    down = G.prompt_info(prompt, T.PEDAL_VOCAB_SIZE)[4]
     for row in S.generate(m, prompt, 3, 120, seed=1, temp=1.0):
         body = row[len(prompt):]
         pedals = [(k, t) for k, t in enumerate(body) if t >= T.PED_ON_ID]

@@ -15,6 +15,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+import grammar as G  # noqa: E402
 import model as M  # noqa: E402
 import sample as S  # noqa: E402
 import tokenizer as T  # noqa: E402
@@ -116,7 +117,7 @@ def allowed_set(g, row=0):
 
 
 def test_grammar_states_step_by_step():
-    g = S.Grammar([SCRATCH])
+    g = G.Grammar([SCRATCH])
     piano = {i for i in range(T.NOTE_START, T.NOTE_START + T.NOTES_PER_INSTRUMENT) if (i - T.NOTE_START) % 13}
     assert allowed_set(g) == piano | {T.SEG_ID, T.DIM_ID}  # no <E> before any event, no velocity 0
     note = T.note_id("piano", 60, 80)
@@ -141,18 +142,18 @@ def test_grammar_states_step_by_step():
 
 def test_grammar_per_row_instruments_and_prompt_state(prompts):
     multi, piano = prompts["multi"], prompts["piano"]
-    g = S.Grammar([multi, piano + [T.note_id("piano", 60, 50), T.onset_id(4000)]])
+    g = G.Grammar([multi, piano + [T.note_id("piano", 60, 50), T.onset_id(4000)]])
     a = g.bias() == 0
     guitar, organ = T.note_id("guitar", 40, 70), T.note_id("organ", 40, 70)
     assert a[0, guitar] and a[0, T.DRUM_START] and a[0, T.note_id("piano", 1, 10)] and not a[0, organ]
     assert a[0, T.EOS_ID]  # the prompt ends with a complete event
     assert allowed_set(g, 1) == set(range(T.DUR_START + 1, T.ONSET_START))  # prompt ended mid-note
     with pytest.raises(ValueError, match="<S>"):
-        S.prompt_info([T.INSTRUMENT_PREFIX_ID["piano"]])
+        G.prompt_info([T.INSTRUMENT_PREFIX_ID["piano"]])
     with pytest.raises(ValueError, match="<E>"):
-        S.prompt_info(piano + [T.EOS_ID])
+        G.prompt_info(piano + [T.EOS_ID])
     with pytest.raises(ValueError, match="instrument"):
-        S.prompt_info([T.TOKEN_TO_ID[("prefix", "genre", "jazz")], T.BOS_ID])
+        G.prompt_info([T.TOKEN_TO_ID[("prefix", "genre", "jazz")], T.BOS_ID])
 
 
 def test_pick_filters():
@@ -181,7 +182,7 @@ def test_greedy_kv_cache_equals_full_forward_argmax(prompts, grammar):
     m = tiny_model()
     prompt, n_new = prompts["piano"], 40
     (row,) = S.generate(m, prompt, 1, n_new, temp=0, grammar=grammar)
-    ids, g = list(prompt), S.Grammar([prompt])
+    ids, g = list(prompt), G.Grammar([prompt])
     for _ in range(n_new):
         logits = m(torch.tensor([ids]))[0, -1]
         if grammar:
@@ -502,7 +503,7 @@ def replay_probs(model, row, n_prompt, temp=1.0):
     """(N, V) probabilities the sampler saw for the N new tokens of a row, at temperature temp
     (grammar mask included), from one full forward instead of the KV cache."""
     logits = model(torch.tensor([row]))[0]  # (L, V)
-    g, probs = S.Grammar([row[:n_prompt]]), []
+    g, probs = G.Grammar([row[:n_prompt]]), []
     for k in range(n_prompt, len(row)):
         probs.append(((logits[k - 1] + g.bias()[0]) / temp).softmax(-1))
         g.advance(torch.tensor([row[k]]))
