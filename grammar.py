@@ -4,6 +4,7 @@ each token, as an additive -inf bias over the logits, so that every sample decod
 not official (the official sampler draws from the whole vocabulary: sample.py --no_grammar).
 """
 import functools
+from collections import namedtuple
 
 import torch
 
@@ -24,7 +25,12 @@ import tokenizer as T
 # (they alternate, as the official demo's decoder assumes). Onsets never go back in time inside
 # a segment (>= the last onset since the last <T>). <S>, <P>, <U> and prefixes never appear in a body.
 
-START, EVENT, NOTE, NOTE_ONSET, DRUM, DONE = range(6)
+START = 0
+EVENT = 1
+NOTE = 2
+NOTE_ONSET = 3
+DRUM = 4
+DONE = 5
 DIM_USED = 6
 N_STATES = 12
 
@@ -62,13 +68,17 @@ def _tables(V=T.VOCAB_SIZE):
     return allowed, nxt
 
 
+PromptInfo = namedtuple("PromptInfo", "instruments state last_onset segments pedal_down")
+
+
 def prompt_info(ids, V=T.VOCAB_SIZE):
     """What a prompt fixes for its continuation: (instruments named in the prefix, grammar state
     after the prompt, last onset id in its last segment, segments before it, pedal down)."""
     ids = [int(i) for i in ids]
     if max(ids) >= V:
+        why = "pedal tokens for a model without them" if max(ids) >= T.PED_ON_ID else "not an Aria prompt"
         raise ValueError(f"prompt has token {max(ids)}, beyond the model's {V}-token vocabulary "
-                         f"({'pedal tokens for a model without them' if max(ids) >= T.PED_ON_ID else 'not an Aria prompt'})")
+                         f"({why})")
     if T.BOS_ID not in ids:
         raise ValueError("prompt has no <S>: expected `prefix <S> body` (tokenizer.prompt gives one)")
     if T.EOS_ID in ids:
@@ -87,7 +97,7 @@ def prompt_info(ids, V=T.VOCAB_SIZE):
         elif T.TOKEN_CLASS[i] == T.ONSET:
             last = i
     pedals = [i for i in ids if i in (T.PED_ON_ID, T.PED_OFF_ID)]
-    return instruments, state, last, ids[bos + 1:].count(T.SEG_ID), pedals[-1:] == [T.PED_ON_ID]
+    return PromptInfo(instruments, state, last, ids[bos + 1:].count(T.SEG_ID), pedals[-1:] == [T.PED_ON_ID])
 
 
 class Grammar:
@@ -102,7 +112,7 @@ class Grammar:
     def __init__(self, prompts, device="cpu", eos=True, dim=True, min_onset_ms=0, V=T.VOCAB_SIZE):
         allowed, nxt = _tables(V)
         inf = float("-inf")
-        info = [prompt_info(p, V) for p in prompts]  # (instruments, state, last onset, segments, pedal) per row
+        info = [prompt_info(p, V) for p in prompts]  # a PromptInfo per row
         row_ok = torch.ones(len(info), V, dtype=torch.bool)  # (B, V): only the row's instruments
         for b, (instruments, *_) in enumerate(info):
             for k, name in enumerate(T.INSTRUMENTS):
@@ -114,10 +124,12 @@ class Grammar:
         row_ok[:, T.EOS_ID] = eos
         row_ok[:, T.DIM_ID] = dim
         ok = allowed & row_ok[:, None]  # (B, N_STATES, V)
-        self.table = torch.zeros(ok.shape).masked_fill_(~ok, inf).flatten(0, 1).to(device)  # (B * N_STATES, V)
+        self.table = torch.zeros(ok.shape).masked_fill_(~ok, inf).flatten(0, 1).to(device)  # (B*N_STATES, V)
         k = torch.arange(T.VOCAB_SIZE - T.ONSET_START)  # the onsets: the default vocabulary's last ids
-        self.onset_floor = torch.zeros(len(k), len(k)).masked_fill_(k < k[:, None], inf).to(device)  # j: onsets >= j
-        self.pedal_table = torch.tensor([[0.0, inf], [inf, 0.0]], device=device)  # up: <PED_ON>; down: <PED_OFF>
+        # row j: 0 for the onsets >= j, -inf below
+        self.onset_floor = torch.zeros(len(k), len(k)).masked_fill_(k < k[:, None], inf).to(device)
+        # pedal up: <PED_ON> may come; down: <PED_OFF>
+        self.pedal_table = torch.tensor([[0.0, inf], [inf, 0.0]], device=device)
         self.pedal_down = torch.tensor([i[4] for i in info], device=device)  # (B,)
         self.next = nxt.to(device)
         self.first_row = torch.arange(len(info), device=device) * N_STATES  # (B,)

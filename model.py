@@ -122,7 +122,9 @@ class Block(nn.Module):
         q = apply_rope(q.view(B, T, self.n_heads, self.head_dim), cos, sin)
         k = apply_rope(k.view(B, T, self.n_heads, self.head_dim), cos, sin)
         v = v.view(B, T, self.n_heads, self.head_dim)
-        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H, T, Dh)
+        q = q.transpose(1, 2)  # (B, H, T, Dh)
+        k = k.transpose(1, 2)
+        v = v.transpose(1, 2)
         if pos is None:
             # no padding/document mask, as in official training; flash kernel on CUDA
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True)

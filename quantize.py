@@ -40,7 +40,8 @@ def _fbgemm_prepack(qweight, scale):
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            qw = torch._make_per_channel_quantized_tensor(qweight, scale.double(), torch.zeros_like(scale, dtype=torch.long), 0)
+            zero = torch.zeros_like(scale, dtype=torch.long)
+            qw = torch._make_per_channel_quantized_tensor(qweight, scale.double(), zero, 0)
             return torch.ops.quantized.linear_prepack(qw, None)
     except (AttributeError, RuntimeError):
         return None
@@ -62,7 +63,8 @@ class QLinear(nn.Module):
         super().__init__()
         if bits not in (4, 8) or bits == 4 and n_in % group_size:
             raise ValueError(f"int{bits} with groups of {group_size} does not fit {n_in} inputs")
-        self.n_out, self.n_in, self.bits, self.group_size = n_out, n_in, bits, group_size
+        self.n_out, self.n_in = n_out, n_in
+        self.bits, self.group_size = bits, group_size
         if bits == 8:
             self.register_buffer("qweight", torch.zeros(n_out, n_in, dtype=torch.int8))
             self.register_buffer("scale", torch.ones(n_out, 1))
@@ -102,7 +104,8 @@ class QLinear(nn.Module):
         if self.bits == 8:
             return self.qweight.float() * self.scale
         q = self._int4().float().unflatten(1, (-1, self.group_size))
-        return ((q - 8) * self.scale[..., None].float() + self.zero[..., None].float()).flatten(1)[:self.n_out]
+        w = (q - 8) * self.scale[..., None].float() + self.zero[..., None].float()
+        return w.flatten(1)[:self.n_out]
 
     def forward(self, x):
         if x.device.type != "cpu":
@@ -110,7 +113,8 @@ class QLinear(nn.Module):
         x2 = x.reshape(-1, x.shape[-1]).float()  # (M, n_in)
         if self._packed is None:
             if self.bits == 4:
-                sz = torch.stack([self.scale, self.zero], -1).transpose(0, 1).bfloat16().contiguous()  # (groups, rows, 2)
+                sz = torch.stack([self.scale, self.zero], -1).transpose(0, 1)  # (groups, rows, 2)
+                sz = sz.bfloat16().contiguous()
                 self._packed = (torch.ops.aten._convert_weight_to_int4pack_for_cpu(self._int4().int(), 1), sz)
             else:
                 packed = _fbgemm_prepack(self.qweight, self.scale[:, 0].float())
@@ -174,8 +178,8 @@ class CompactKVCache:
 
     def bytes_per_slot(self) -> int:
         """Bytes one cached position takes (K and V with their scales, every row and head)."""
-        B, H, _, Dh = self.k.shape
-        return 2 * B * H * (Dh * self.k.element_size() + (4 if self.int8 else 0))
+        rows = self.k[:, :, 0].numel()  # (B, H)
+        return 2 * rows * (self.k.shape[-1] * self.k.element_size() + (4 if self.int8 else 0))
 
     def _store(self, dst, scale, pos, x):
         """x (B, H, T, Dh) into dst at pos: an int s (every row at s..s+T-1: a slice copy) or a (B, T)

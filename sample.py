@@ -23,6 +23,7 @@ import os
 import sys
 import time
 import warnings
+from collections import namedtuple
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -110,7 +111,9 @@ class Decoder:
 
     def __init__(self, model, rows, length, s: Sampling, device, forward, bucket):
         P = max(len(r) for r in rows)
-        self.model, self.s, self.forward, self.P, self.length = model, s, forward, P, length
+        self.model, self.s = model, s
+        self.forward = forward
+        self.P, self.length = P, length
         self.g = G.Grammar(rows, device, eos=s.eos, dim=s.dim, min_onset_ms=s.min_onset_ms,
                          V=model.config.vocab_size)  # checks the prompts: `prefix <S> body`
         self.t_prompt = self.g.time_ms()  # (B,) each row's last prompt onset
@@ -139,7 +142,8 @@ class Decoder:
 
     def step(self, i):
         """Token i of every row (<P> past <E>), in place on the buffers."""
-        s, g, pos = self.s, self.g, self.pos
+        s, g = self.s, self.g
+        pos = self.pos
         prev = pos[:, None] - 1  # (B, 1)
         if self.exact:
             logits = self.forward(self.model, self.seq.gather(1, prev), self.P - 1 + i, None)  # (B, V)
@@ -148,7 +152,8 @@ class Decoder:
         if s.grammar:
             logits = logits + g.bias()
         tok = pick(logits, s.temp, s.top_k, s.top_p, s.min_p, self.gen)  # (B,)
-        boundary = (tok < T.DUR_START) | (tok >= T.PED_ON_ID)  # not a dur/onset: an event starts (or a special)
+        # not a dur or an onset: an event starts here (or a special token)
+        boundary = (tok < T.DUR_START) | (tok >= T.PED_ON_ID)
         if s.end:  # official rule: the first token at an event boundary, in the last 130 positions
             late = pos >= self.end_from
             if self.until is not None:  # or END_CUE_TOKENS before `until`, at the row's own ms per token
@@ -237,7 +242,8 @@ def generate(model, prompts, n_variations=1, length=2048, sampling=None, *, devi
     if stats is not None:
         n_new = sum(len(r) - len(p) for r, p in zip(results, rows))
         stats.update(prefill_s=t1 - t0, first_token_s=t_first - t0, decode_s=t2 - t1, steps=steps,
-                     step_s=(t2 - t_first) / max(steps - 1, 1), new_tokens=n_new, tokens_per_s=n_new / (t2 - t0),
+                     step_s=(t2 - t_first) / max(steps - 1, 1), new_tokens=n_new,
+                     tokens_per_s=n_new / (t2 - t0),
                      decode_tokens_per_s=B * steps / (t2 - t1), device=str(device),
                      dtype=str(emb.dtype).replace("torch.", ""))
     return results
@@ -251,7 +257,8 @@ def _ensure_cache(model, batch, length, dtype, device, keep=False):
     if kv is not None and (kv.k.shape[0], kv.k.device) == (batch, device) and kv.k.shape[2] >= length:
         return
     if keep:
-        raise ValueError("prefilled: the model's KV cache does not hold that prefill (call setup_cache first)")
+        raise ValueError("prefilled: the model's KV cache does not hold that prefill "
+                         "(call setup_cache first)")
     model.setup_cache(batch, length, dtype=dtype, device=device)
 
 
@@ -327,20 +334,23 @@ def _capture(step, gen, device):
 # Output: MIDI files, JSON sidecars, piano rolls
 
 
+Split = namedtuple("Split", "prompt new programs")
+
+
 def split_notes(row, n_prompt):
     """(prompt notes, continuation notes, channel programs) of a full row, in ms. The
     continuation's onsets count from its segment, so it is decoded together with the
     prompt (which supplies the prefix, <S> and the <T>s before it)."""
     notes, programs = T.detokenize_notes(row)
     k = len(T.detokenize_notes(row[:n_prompt])[0])  # an event cut by the prompt's end counts as new
-    return notes[:k], notes[k:], programs
+    return Split(notes[:k], notes[k:], programs)
 
 
 def continuation_midi(row, n_prompt):
     """The continuation alone as a mido.MidiFile, moved so that its first note starts at 0."""
-    _, notes, programs = split_notes(row, n_prompt)
-    t0 = min((n[0] for n in notes), default=0)
-    return T.notes_to_midi([(s - t0, e - t0, p, v, c) for s, e, p, v, c in notes], programs)
+    part = split_notes(row, n_prompt)
+    t0 = min((n[0] for n in part.new), default=0)
+    return T.notes_to_midi([(s - t0, e - t0, p, v, c) for s, e, p, v, c in part.new], part.programs)
 
 
 def plot_roll(prompt_notes, new_notes, path, title):
@@ -352,7 +362,8 @@ def plot_roll(prompt_notes, new_notes, path, title):
     except ImportError:
         return False
     fig, ax = plt.subplots(figsize=(14, 5))
-    for notes, color, label in ((prompt_notes, "tab:blue", "prompt"), (new_notes, "tab:orange", "continuation")):
+    parts = ((prompt_notes, "tab:blue", "prompt"), (new_notes, "tab:orange", "continuation"))
+    for notes, color, label in parts:
         if notes:
             ax.barh([n[2] for n in notes], [(n[1] - n[0]) / 1000 for n in notes],
                     left=[n[0] / 1000 for n in notes], height=0.8, color=color, label=label)
@@ -371,8 +382,8 @@ def stream_notes(prompt, rows, json_lines=False, port=None, vocab_size=T.VOCAB_S
     finish() waits for the last notes, releases everything and returns an error or None."""
     streams = [P.NoteStream(prompt) for _ in range(rows)]
     player = P.Player(P.open_port(port, "output"), P.Clock()) if port else None
-    _, _, last, segments, _ = G.prompt_info(prompt, vocab_size)
-    origin = -(segments * T.SEGMENT_MS + (last - T.ONSET_START) * T.TIME_STEP_MS)
+    info = G.prompt_info(prompt, vocab_size)
+    origin = -(info.segments * T.SEGMENT_MS + (info.last_onset - T.ONSET_START) * T.TIME_STEP_MS)
 
     def on_step(i, toks):
         if player and i == 0:  # the music starts with the first new token, not before the prefill
@@ -399,7 +410,8 @@ def stream_notes(prompt, rows, json_lines=False, port=None, vocab_size=T.VOCAB_S
             time.sleep(0.01)
         stuck = player.close()
         print(f"played {player.stats['notes']} notes on {port}: {player.stats['late']} late "
-              f"(timeline moved {player.shift:.2f} s), {stuck} stuck", file=sys.stderr if json_lines else sys.stdout)
+              f"(timeline moved {player.shift:.2f} s), {stuck} stuck",
+              file=sys.stderr if json_lines else sys.stdout)
         return player.error
     return on_step, finish
 
@@ -428,20 +440,23 @@ def add_model_args(ap):
     ap.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
                     help="weights and KV cache; auto: bfloat16 on CUDA, float32 elsewhere")
     ap.add_argument("--quantize", default="none", choices=["none", "int8", "int4"],
-                    help="weights of the blocks and LM head at load: int8 per output channel, int4 in groups; "
-                         "CPU: about 4x faster decoding (docs/performance.md); elsewhere dequantized in the matmul")
+                    help="weights of the blocks and LM head at load: int8 per output channel, int4 in "
+                         "groups; CPU: about 4x faster decoding (docs/performance.md); elsewhere "
+                         "dequantized in the matmul")
     ap.add_argument("--group_size", type=int, default=64, help="int4: inputs per scale and offset")
     ap.add_argument("--kv", default="auto", choices=["auto", "float32", "bfloat16", "int8"],
                     help="what the KV cache stores: auto = the weights' dtype (exact) for float weights, "
                          f"{KV_AUTO_QUANTIZED} with --quantize (measured fastest: docs/performance.md); "
                          "bfloat16 halves its bytes, int8 (a scale per token and head) quarters them")
     ap.add_argument("--threads", type=int, default=0,
-                    help="torch CPU threads; 0 = torch's default (on a busy 2-core machine 1 is often faster)")
+                    help="torch CPU threads; 0 = torch's default (on a busy 2-core machine 1 is often "
+                         "faster)")
     ap.add_argument("--compile", action="store_true",
                     help="CUDA: torch.compile the model's forward (inductor; without --cuda_graph also "
                          "its CUDA graphs); the first step pays for compiling")
     ap.add_argument("--cuda_graph", action="store_true",
-                    help="CUDA: record the decode step as CUDA graphs (one per 256 cache slots read) and replay "
+                    help="CUDA: record the decode step as CUDA graphs (one per 256 cache slots read) "
+                         "and replay "
                          "them (same tokens as without; experimental: not yet run on a GPU)")
 
 
@@ -452,17 +467,22 @@ def add_sampling_args(ap, **defaults):
     ap.add_argument("--temp", type=float, default=d["temp"], help="temperature in [0, 2]; 0 = greedy")
     ap.add_argument("--min_p", type=float, default=d["min_p"],
                     help="drop tokens less likely than min_p x the most likely one; 0 = off")
-    ap.add_argument("--top_p", type=float, default=d["top_p"], help="nucleus sampling in (0, 1]; unset or 1 = off")
-    ap.add_argument("--top_k", type=int, default=d["top_k"], help="keep only the k most likely tokens; 0 = off")
+    ap.add_argument("--top_p", type=float, default=d["top_p"],
+                    help="nucleus sampling in (0, 1]; unset or 1 = off")
+    ap.add_argument("--top_k", type=int, default=d["top_k"],
+                    help="keep only the k most likely tokens; 0 = off")
     ap.add_argument("--seed", type=int, default=d["seed"],
                     help="seeds the sampler: same seed, checkpoint and device give byte-identical MIDI")
     ap.add_argument("--end", action="store_true",
-                    help="steer toward an ending: <D> in the last 130 positions, or ~100 tokens before --seconds "
+                    help="steer toward an ending: <D> in the last 130 positions, or ~100 tokens before "
+                         "--seconds "
                          "(official force_end; a generatively finetuned model then ends with <E>)")
     ap.add_argument("--no_grammar", action="store_true",
-                    help="sample from the whole vocabulary, as the official code does (output may not decode)")
+                    help="sample from the whole vocabulary, as the official code does (output may not "
+                         "decode)")
     ap.add_argument("--seconds", type=float, default=d["seconds"],
-                    help="end each continuation after this much music (<E> after the first note starting later)")
+                    help="end each continuation after this much music (<E> after the first note "
+                         "starting later)")
 
 
 def sampling_from_args(a, **fields) -> Sampling:
@@ -473,7 +493,8 @@ def sampling_from_args(a, **fields) -> Sampling:
 
 
 def build_parser():
-    ap = Parser(prog="sample.py", description="Continue a MIDI prompt (or start from scratch) with an Aria model.",
+    ap = Parser(prog="sample.py",
+                description="Continue a MIDI prompt (or start from scratch) with an Aria model.",
                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     ap.add_argument("prompt", nargs="?", default=None,
                     help="MIDI file to continue; leave out to generate from scratch (piano prefix, <S>)")
@@ -483,13 +504,15 @@ def build_parser():
     ap.add_argument("--variations", type=int, default=1,
                     help="continuations, sampled as one batch (the paper's listening test used 8 per prompt)")
     ap.add_argument("--length", type=int, default=2048,
-                    help="new tokens at most (official default); capped by the model's context minus the prompt")
+                    help="new tokens at most (official default); capped by the model's context minus the "
+                         "prompt")
     add_model_args(ap)
     add_sampling_args(ap)
     ap.add_argument("--stream", action="store_true",
                     help="print each new note (and pedal change) as a JSON line the moment it is decoded")
     ap.add_argument("--port", default=None,
-                    help="also play the first continuation on this MIDI output port in real time, from the end "
+                    help="also play the first continuation on this MIDI output port in real time, from "
+                         "the end "
                          "of the prompt (needs python-rtmidi; `python live.py --list` names the ports)")
     ap.add_argument("--continuation_only", action="store_true",
                     help="write only the continuation, moved to start at 0 s")
@@ -558,7 +581,8 @@ def load_lm(a, device, dtype):
         model = M.load_model(path, device=device, dtype=dtype)
     except M.CheckpointError as e:
         if path is None and a.ckpt == DEFAULT_CKPT:
-            raise Fail(f"no checkpoint at {DEFAULT_CKPT} — run `python pretrain.py` first or pass --ckpt") from None
+            raise Fail(f"no checkpoint at {DEFAULT_CKPT} — run `python pretrain.py` first or pass "
+                       "--ckpt") from None
         raise Fail(str(e)) from None
     if "lm" not in model.heads:
         raise Fail(f"{path}: no LM head (it has {', '.join(model.heads)}): sampling needs a generative "
@@ -619,7 +643,8 @@ def run(argv=None):
               f"minus the {len(ids)}-token prompt)")
 
     model.setup_cache(a.variations, len(ids) + length, dtype=kv_dtype(a.kv, model), device=device)
-    stats, gpu, on_step, finish = {}, device == "cuda", None, None
+    stats, gpu = {}, device == "cuda"
+    on_step = finish = None
     if a.stream or a.port:  # notes as they are decoded: JSON lines, the first row played in real time
         try:
             on_step, finish = stream_notes(ids, a.variations, a.stream, a.port, model.config.vocab_size)
@@ -635,20 +660,23 @@ def run(argv=None):
         raise Fail(f"{a.port}: {error}")
     log(f"generated {stats['new_tokens']} new tokens ({a.variations} x up to {length}) in "
           f"{stats['prefill_s'] + stats['decode_s']:.2f} s: {stats['tokens_per_s']:.1f} tokens/s; "
-          f"first new token after {stats['first_token_s']:.2f} s, then {stats['step_s'] * 1e3:.2f} ms per step")
+          f"first new token after {stats['first_token_s']:.2f} s, "
+          f"then {stats['step_s'] * 1e3:.2f} ms per step")
 
     out = Path(a.out)
     try:
         out.mkdir(parents=True, exist_ok=True)
         for i, row in enumerate(rows, 1):
             stem = out / f"{name}_{i}"
-            old, new, _ = split_notes(row, len(ids))
+            old, new = split_notes(row, len(ids))[:2]
             midi = continuation_midi(row, len(ids)) if a.continuation_only else T.detokenize(row)
             M.atomic_write(f"{stem}.mid", lambda f: midi.save(file=f))  # a crash never leaves half a file
             side = {
-                "midi": f"{stem}.mid", "prompt": a.prompt, "prompt_seconds": a.prompt_seconds if a.prompt else None,
+                "midi": f"{stem}.mid", "prompt": a.prompt,
+                "prompt_seconds": a.prompt_seconds if a.prompt else None,
                 "checkpoint": str(ckpt_path), "variation": i, "seed": a.seed,
-                "n_prompt_tokens": len(ids), "n_new_tokens": len(row) - len(ids), "ended": row[-1] == T.EOS_ID,
+                "n_prompt_tokens": len(ids), "n_new_tokens": len(row) - len(ids),
+                "ended": row[-1] == T.EOS_ID,
                 "n_prompt_notes": len(old), "n_new_notes": len(new),
                 "continuation_only": a.continuation_only, "tokens_per_s": round(stats["tokens_per_s"], 2),
                 "decode_tokens_per_s": round(stats["decode_tokens_per_s"], 2),

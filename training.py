@@ -156,7 +156,9 @@ def plan_batch(cfg, seq_len, batch, device, micro=0, grad_ckpt="auto", amp=True,
         raise SystemExit(f"--micro_batch {micro} does not divide --batch_size {batch}")
     if capacity is None and torch.device(device).type == "cuda":
         capacity = torch.cuda.mem_get_info(device)[0] + torch.cuda.memory_reserved(device)
-    d, L, V, act = cfg.d_model, cfg.n_layers, cfg.vocab_size, 60 if amp else 106
+    d, L = cfg.d_model, cfg.n_layers
+    V = cfg.vocab_size
+    act = 60 if amp else 106
     fixed = (flops_per_token(cfg, 0, lm_head) // 6 + d * V) * (18 if amp else 16)
     fixed += 2 * 2048 * V * 8 if lm_head else 0
     plans = {(ck, m): fixed + m * seq_len * d * (4 * L + 2 * act + 8 if ck else act * L + 8)
@@ -191,7 +193,9 @@ class StepSampler(torch.utils.data.Sampler):
     micro-batches."""
 
     def __init__(self, step, batch_size, accum, rank, world):
-        self.step, self.b, self.a, self.r, self.w = step, batch_size, accum, rank, world
+        self.step = step
+        self.b, self.a = batch_size, accum
+        self.r, self.w = rank, world
 
     def __iter__(self):
         k = self.step * self.a  # micro-step k = step * accum + micro
