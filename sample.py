@@ -145,7 +145,8 @@ class Grammar:
     vocabulary. advance() is a table lookup. time_ms() is each row's music time: the onset of
     its last event. min_onset_ms (live.py): no new onset before this time in the last segment."""
 
-    def __init__(self, prompts, device="cpu", eos=True, dim=True, min_onset_ms=0, V=T.VOCAB_SIZE):
+    def __init__(self, prompts, device="cpu", eos=True, dim=True, min_onset_ms=0, max_onset_ms=None,
+                 V=T.VOCAB_SIZE):
         allowed, nxt = _tables(V)
         inf = float("-inf")
         info = [prompt_info(p, V) for p in prompts]  # (instruments, state, last onset, segments, pedal) per row
@@ -171,6 +172,10 @@ class Grammar:
         floor = T.onset_id(min(min_onset_ms, T.SEGMENT_MS - T.TIME_STEP_MS))
         self.last_onset = torch.tensor([max(i[2], floor) for i in info], device=device)  # (B,) onset id
         self.seg = torch.tensor([i[3] for i in info], device=device)  # (B,) <T>s so far
+        # max_onset_ms (live.py): until a row's first note, no onset later than this after the start of
+        # the prompt's last segment (ms; <T> only while it lies beyond), so a leading rest is bounded
+        self.cap = None if max_onset_ms is None else torch.full((len(info),), max_onset_ms, device=device)
+        self.first = torch.ones(len(info), dtype=torch.bool, device=device)  # (B,) no note yet
 
     def bias(self):
         """(B, V) float: 0 for the tokens each row may take next, -inf for the others."""
@@ -178,12 +183,20 @@ class Grammar:
         b[:, T.ONSET_START:T.VOCAB_SIZE] += self.onset_floor.index_select(0, self.last_onset - T.ONSET_START)
         if b.shape[1] > T.VOCAB_SIZE:
             b[:, T.PED_ON_ID:] += self.pedal_table.index_select(0, self.pedal_down.long())
+        if self.cap is not None:  # row j of the floor table's transpose: onsets <= j
+            last = self.onset_floor.shape[0] - 1
+            j = torch.where(self.first, (self.cap // T.TIME_STEP_MS).clamp(0, last), last)
+            b[:, T.ONSET_START:T.VOCAB_SIZE] += self.onset_floor.t().index_select(0, j)
+            b[:, T.SEG_ID] += torch.where(self.first & (self.cap < T.SEGMENT_MS), float("-inf"), 0.0)
         return b
 
     def advance(self, tok):
         """Move every row past its token tok (B,), in place (a CUDA graph replays on these buffers)."""
         onset = (tok >= T.ONSET_START) & (tok < T.VOCAB_SIZE)
         last = torch.where(tok == T.SEG_ID, T.ONSET_START, torch.where(onset, tok, self.last_onset))
+        if self.cap is not None:
+            self.first.logical_and_(~(onset & (self.state % DIM_USED == NOTE)))
+            self.cap.sub_((tok == T.SEG_ID) * T.SEGMENT_MS)
         self.state.copy_(self.next[self.state, tok])
         self.last_onset.copy_(last)
         self.seg.add_(tok == T.SEG_ID)
@@ -221,6 +234,7 @@ class Sampling:
     eos: bool = True              # False: <E> is never sampled (a forced end still comes)
     dim: bool = True              # False: <D> is never sampled (force_end still places it)
     min_onset_ms: int = 0         # no new onset before this in the prompt's last segment (live.py)
+    max_onset_ms: int | None = None  # the first note's onset at most this after its segment's start (live)
 
 
 def pick(logits, temp, top_k=0, top_p=None, min_p=0.0, generator=None):
@@ -265,8 +279,9 @@ class Decoder:
     def __init__(self, model, rows, length, s: Sampling, device, forward, bucket):
         P = max(len(r) for r in rows)
         self.model, self.s, self.forward, self.P, self.length = model, s, forward, P, length
+        # Grammar checks the prompts: `prefix <S> body`
         self.g = Grammar(rows, device, eos=s.eos, dim=s.dim, min_onset_ms=s.min_onset_ms,
-                         V=model.config.vocab_size)  # checks the prompts: `prefix <S> body`
+                         max_onset_ms=s.max_onset_ms, V=model.config.vocab_size)
         self.t_prompt = self.g.time_ms()  # (B,) each row's last prompt onset
         self.until = None if s.seconds is None else self.t_prompt + round(s.seconds * 1000)
         self.gen = torch.Generator(device=device).manual_seed(s.seed)

@@ -141,7 +141,7 @@ def run_live(monkeypatch, files, recorder, *args, slow=0.0, fail_at=None, exc=Ru
         model.forward = step
         return model, path
     monkeypatch.setattr(S, "load_lm", load)
-    monkeypatch.setattr(P, "open_port", lambda name, kind: recorder)
+    monkeypatch.setattr(P, "open_port", lambda name, kind, *args, **kw: recorder)
     return L.main(["--ckpt", str(files / "run"), "--device", "cpu", "--threads", "1", "--out", "port", *map(str, args)])
 
 
