@@ -355,23 +355,26 @@ class Duet:
         self.perf = Performance(model.pedal)  # the performance is tokenized in the model's vocabulary
         self.capacity = min(model.config.max_seq_len, a.context)
         self.rate, self.chunk, self.lead_ms = PRIOR_TOKENS_PER_S, 32, 50.0
-        if self.window() < MIN_WINDOW:
+        left = self.capacity - self.allowance(fit=False) - SLACK
+        if left < MIN_WINDOW:
             raise S.Fail(f"the model reads {self.capacity} tokens (max_seq_len {model.config.max_seq_len}, "
-                         f"--context {a.context}) and one turn may add {self.allowance()} (--seconds {a.seconds:g} "
-                         f"at ~{PRIOR_TOKENS_PER_S} tokens/s, at most --length {a.length}): that leaves "
-                         f"{self.window()} for the performance, under {MIN_WINDOW}; raise --context or lower "
+                         f"--context {a.context}) and one turn may add {self.allowance(fit=False)} (--seconds "
+                         f"{a.seconds:g} at ~{PRIOR_TOKENS_PER_S * 1.5:g} tokens/s, at most --length {a.length}): "
+                         f"that leaves {left} for the performance, under {MIN_WINDOW}; raise --context or lower "
                          "--seconds or --length")
         self.cached, self.ids, self.inbox = [], [], collections.deque()  # cached: what the KV cache holds
         self.aria, self.taken_back, self.listen_from, self.cc_down = False, None, 0.0, False
         self.last_key, self.heard, self.turns, self.per_turn = None, False, 0, []
         self.cuts = self.rebuilds = self.saved_at = 0
+        self.counted = 0, 0
         self.device = model.model.tok_embeddings.weight.device
         model.setup_cache(1, self.capacity, device=self.device)
 
-    def allowance(self):
+    def allowance(self, fit=True):
         """Tokens one turn may add: --seconds of music at 1.5 x the performance's rate (hers may be
-        denser), at most --length."""
-        return min(self.a.length, math.ceil(self.a.seconds * self.rate * 1.5), self.capacity - MIN_WINDOW - SLACK)
+        denser), at most --length; fit: leaving the window MIN_WINDOW (a denser performance)."""
+        want = min(self.a.length, math.ceil(self.a.seconds * self.rate * 1.5))
+        return min(want, self.capacity - MIN_WINDOW - SLACK) if fit else want
 
     def window(self):
         return self.capacity - self.allowance() - SLACK
@@ -486,11 +489,11 @@ class Duet:
         a, perf, pl, clock = self.a, self.perf, self.player, self.clock
         self.taken_back = next((ms for ms, m in self.inbox if m.type == "note_on" and m.velocity and ms >= t_take),
                                None)
-        self.aria, rebuilds, t0 = True, self.rebuilds, clock.now()
+        self.aria, t0 = True, clock.now()
         perf.end_keys(round(t_take))
         self.sync(t_take, final=True)
         ids, base, n0 = self.ids, perf.base, perf.n
-        turn = dict(context_tokens=len(ids), context_s=round((t_take - base) / 1000, 2),
+        turn = dict(takeover_s=round(t_take / 1000, 3), context_tokens=len(ids), context_s=round((t_take - base) / 1000, 2),
                     prefill_behind=self.prefilled, prefill_s=round(clock.now() - t0, 3))
         floor = round(clock.ms() + self.lead_ms - base)  # her first onset, on the tokens' timeline
         ids = ids + [T.SEG_ID] * max(0, floor // SEG - ids[len(perf.head):].count(T.SEG_ID))
@@ -526,24 +529,29 @@ class Duet:
                 clock.sleep(0.002)
             return self.taken_back is not None or pl.error is not None
 
-        row = self.generate(ids, min(self.allowance(), self.capacity - len(ids)), sampling, on_step=on_step,
-                            prefilled=len(self.cached))
-        self.cached = row[:-1]
-        if self.taken_back is None and not pl.error:  # her sustain lifted as her last note ends
-            perf.pedal(round(pl.end_turn(a.channel)), 0)
-            while pl.busy() and self.taken_back is None and not pl.error:  # the last notes ring, still listening
-                self.maybe_save()
-                clock.sleep(0.002)
-        self.aria, end = False, clock.ms() if self.taken_back is None else self.taken_back
-        if self.taken_back is not None:
-            perf.cut_aria(round(end), n0)
-        self.listen_from = end
-        since = lambda w: None if w is None else round(clock.ms(w) / 1000 - t_take / 1000, 3)  # noqa: E731
-        t = pl.turn
-        self.per_turn.append(dict(first_note_s=since(t["first_sent"]), first_note_ready_s=since(t["first_ready"]),
-                                  notes=t["notes"], late=t["late"], shift_s=round(pl.shift, 3), **turn,
-                                  cache_rebuilds=self.rebuilds - rebuilds, cuts=self.cuts, rss_mb=rss_mb()))
-        return "pianist" if self.taken_back is not None else (why or ["<E>" if row[-1] == T.EOS_ID else "tokens"])[0]
+        try:
+            row = self.generate(ids, min(self.allowance(), self.capacity - len(ids)), sampling, on_step=on_step,
+                                prefilled=len(self.cached))
+            self.cached = row[:-1]
+            why.append("<E>" if row[-1] == T.EOS_ID else "tokens")
+            if self.taken_back is None and not pl.error:  # her sustain lifted as her last note ends
+                perf.pedal(round(pl.end_turn(a.channel)), 0)
+                while pl.busy() and self.taken_back is None and not pl.error:  # the last notes ring, still listening
+                    self.maybe_save()
+                    clock.sleep(0.002)
+        finally:  # (a turn cut by Ctrl-C or an error counts too)
+            self.aria, end = False, clock.ms() if self.taken_back is None else self.taken_back
+            if self.taken_back is not None:
+                perf.cut_aria(round(end), n0)
+            self.listen_from = end
+            since = lambda w: None if w is None else round(clock.ms(w) / 1000 - t_take / 1000, 3)  # noqa: E731
+            t, self.turns = pl.turn, self.turns + 1
+            self.per_turn.append(dict(first_note_s=since(t["first_sent"]), first_note_ready_s=since(t["first_ready"]),
+                                      notes=t["notes"], late=t["late"], shift_s=round(pl.shift, 3), **turn,
+                                      cache_rebuilds=self.rebuilds - self.counted[0], cuts=self.cuts - self.counted[1],
+                                      rss_mb=rss_mb()))
+            self.counted = self.rebuilds, self.cuts  # (per turn: since the last one)
+        return "pianist" if self.taken_back is not None else why[0]
 
     def maybe_save(self):
         if self.record and self.clock.ms() - self.saved_at >= SAVE_EVERY_S * 1000:
@@ -560,7 +568,6 @@ class Duet:
             if t_take is None:
                 break
             why = self.play(t_take)
-            self.turns += 1
             t = self.per_turn[-1]
             self.log(f"turn {self.turns}: takeover at {t_take / 1000:.2f} s ({t['context_tokens']} tokens, "
                      f"{t['context_s']} s of music in context), first note decoded {t['first_note_ready_s']} s "
@@ -661,6 +668,7 @@ def main(argv=None, clock=None):
         duet.warm()
         clock.start = clock.now()  # the duet's time 0
         sink[0] = duet.receive
+        log(f"listening to {a.inp}, Aria on channel {a.channel}" + (f", saving to {record.path}" if record else ""))
         if file_mode:
             human.start(clock, duet.receive)
         duet.run()
