@@ -1,45 +1,42 @@
 """
 Play a duet with Aria in real time: a pianist plays into a MIDI input; when they hand over (a
 pedal press, a pause, or a time in file mode) Aria continues on a MIDI output, with the sustain
-pedal where the checkpoint speaks it, until the pianist plays again and takes back the lead; turn
-after turn, for an hour if they like, the whole duet kept as a MIDI file.
+pedal where the checkpoint speaks it, until the pianist plays again; turn after turn, for an hour
+if they like, the whole duet kept in a MIDI file (--save).
 
-    python live.py --list                                          # the MIDI ports (needs python-rtmidi)
-    python live.py --in "Digital Piano" --out "Digital Piano" --ckpt aria-medium-gen --quantize int8 \\
-        --channel 1 --save duet.mid
+    python live.py --list                                          # MIDI ports (needs python-rtmidi)
+    python live.py --in "Digital Piano" --out "Digital Piano" --channel 1 --ckpt aria-medium-gen \\
+        --quantize int8 --save duet.mid
     python live.py --in song.mid --takeover 30 --turns 8 --seconds 8 --out -   # a file as the pianist
     python live.py --backend mido.backends.rtmidi/UNIX_JACK --list  # JACK's ports (no ALSA sequencer)
 
-What it does, after the official demo (EleutherAI/aria demo/demo_mlx.py), in plain mido:
-- listen: the pianist's messages are stamped as they arrive (in mido's callback thread; a file's at
-  their times) and recorded. Every --prefill_every s the tokens the KV cache lacks are prefilled,
-  a chunk at a time: notes that have ended are tokenized once and kept; held ones (whose durations
-  still grow) wait for the takeover. CC64 values that do not cross 64 are not pedal changes.
-- the window: the model reads min(max_seq_len, --context) tokens; one turn may add --seconds of
-  music at the performance's own token rate (at most --length); the rest is the window (>= 500
-  tokens, checked at start). When the performance outgrows it, about 40% goes at once, cut at a <T>
-  boundary, and the start stays put until the window fills again: the cache is rebuilt only then,
-  in the background while the pianist plays.
-- takeover: a control change (--takeover_cc, 67 = the soft pedal, as the official demo), no key
-  down for --pause s, or the end of each --takeover s of a file. Keys and pedal held then end
-  there in the context. Her first note comes no earlier than it can sound, and her leading rest
-  is at most FIRST_REST_MS (the official demo penalises <T> and bans <E>/<D> as her first tokens).
-- play: each note is sent at its time by a scheduler thread, decoded at most --lookahead s ahead.
-  A turn's first note sets its timeline; a later note more than 50 ms late counts as late and
-  moves the rest of the turn by its delay; the next turn starts on time again, and the context
-  records where her notes sounded. A turn ends after --seconds of music, at its token allowance,
-  or when the pianist plays: her notes are released at once, but never a pitch the pianist holds
-  (on a digital piano their key sounds before any echo). <E> and <D> are not sampled (official
-  demo; --may_end allows them). Her sustain is lifted at the end of each turn of hers.
-- sampling: temperature 0.85, min-p 0.05, as the official demo's README runs it (a little more
-  conservative than its offline defaults: a live answer should stay close to what was played).
-- --save keeps the whole duet (pianist and Aria on separate tracks, the pedal too), rewritten
-  atomically every SAVE_EVERY_S s, after every turn and on every exit (Ctrl-C, an error, a
-  vanished port), when every note Aria or a file started is released and the pedal lifted.
+After the official demo (EleutherAI/aria demo/demo_mlx.py), in plain mido:
+- listen: messages are stamped as they arrive (in mido's callback thread; a file's at their
+  times). Every --prefill_every s the KV cache takes what it lacks, a chunk at a time: ended notes
+  are tokenized once and kept; held ones wait for the takeover. CC64 counts when it crosses 64.
+- the window: the model reads min(max_seq_len, --context) tokens, less what one turn may add
+  (--seconds at 1.5x the performance's token rate, at most --length): >= 500, checked at start.
+  When the performance outgrows it, ~40% goes at once at a <T> boundary; the cache is rebuilt only
+  then, in the background while the pianist plays.
+- takeover: a control change (--takeover_cc; 67, the soft pedal, as the official demo), no key
+  down for --pause s, or the end of each --takeover s of a file; held keys and pedal end there in
+  the context. Her first note comes as soon as it can sound, her leading rest at most FIRST_REST_MS
+  (the official demo penalises <T> and bans <E>/<D> as her first tokens).
+- play: a scheduler thread sends each note at its time; decoding runs at most --lookahead s ahead.
+  A turn's first note sets its timeline; a later note over 50 ms late counts as late and moves the
+  rest of the turn; the next turn starts on time, and the context keeps where her notes sounded. A
+  turn ends after --seconds of music, at its token allowance, or when the pianist plays (her notes
+  released at once, but never a pitch they hold: a digital piano sounds its keys before any echo).
+  <E> and <D> are not sampled (official demo; --may_end allows them). Her pedal is lifted at the
+  end of each of her turns.
+- sampling: temperature 0.85, min-p 0.05, as the official demo's README runs it: an answer that
+  stays closer to what was just played than the offline defaults (0.98, 0.035).
+- exit (Ctrl-C, an error, a vanished port): every note Aria or a file started is released, the
+  pedal lifted and --save written (also every SAVE_EVERY_S s and after each turn; atomically).
 The last line of `--out -` is a summary; per_turn holds, for each turn, first_note_s (takeover ->
 her first note sent, her chosen rest included), notes, late, context_tokens, context_s (music the
-model saw at the takeover), cache_rebuilds, prefill_behind and prefill_s (tokens the takeover still
-had to prefill, and how long that took: whether the prefill kept up with the pianist), rss_mb.
+model saw), cache_rebuilds, prefill_behind and prefill_s (what the takeover still had to prefill:
+whether the prefill kept up with the pianist) and rss_mb.
 """
 import argparse
 import bisect
@@ -50,6 +47,7 @@ import os
 import struct
 import sys
 import threading
+from dataclasses import dataclass
 from pathlib import Path
 
 import mido
@@ -70,82 +68,6 @@ SAVE_EVERY_S = 5         # --save rewrites the file this often: a crash loses at
 SEG = T.SEGMENT_MS
 
 
-class FileHuman:
-    """A MIDI file as the pianist: its messages reach deliver(msg, ms) at their times (the time is
-    the stamp), from a thread or a simulated clock's ticks, as a port's reach its callback. With
-    `part` s it plays that much, releases its keys and pedal and waits: resume() plays its next
-    part from then on."""
-
-    def __init__(self, path, part=None):
-        try:
-            t, events = 0.0, []
-            for msg in mido.MidiFile(path):  # all tracks merged, delta times in seconds, tempo applied
-                t += msg.time
-                if msg.type in ("note_on", "note_off", "control_change"):
-                    events.append((t * 1000, msg))
-        except (OSError, EOFError, ValueError, KeyError, IndexError) as e:
-            raise P.LiveError(f"{path}: not a readable MIDI file ({type(e).__name__}: {e})") from None
-        self.events, self.part, self.k, self.offset, self.n = events, part and part * 1000, 0, 0.0, 1
-        self.held, self.pedal, self.file_pedal = set(), set(), set()  # as delivered; as the file has it
-        self.part_end, self.finished, self.closed, self.lock = None, False, False, threading.Lock()
-
-    def start(self, clock, deliver):
-        self.clock, self.deliver = clock, deliver
-        if isinstance(clock, P.SimClock):
-            clock.ticks.insert(0, self.pump)
-        else:
-            threading.Thread(target=self._feed, daemon=True).start()
-        return self
-
-    def _feed(self):
-        while not self.closed and not self.finished:
-            self.pump()
-            due = self.events[self.k][0] + self.offset if self.k < len(self.events) else math.inf
-            self.clock.sleep(min(0.01, (due - self.clock.ms()) / 1000))
-
-    def _send(self, msg, ms):
-        key = getattr(msg, "channel", 0), getattr(msg, "note", None)
-        if msg.type == "note_on" and msg.velocity:
-            self.held.add(key)
-        elif msg.type in ("note_on", "note_off"):
-            if key not in self.held:  # a note cut at the end of the last part
-                return
-            self.held.discard(key)
-        elif msg.control == 64:
-            for s in (self.pedal, self.file_pedal):
-                (s.add if msg.value >= 64 else s.discard)(msg.channel)
-        self.deliver(msg, ms)
-
-    def pump(self):
-        with self.lock:
-            now, end = self.clock.ms(), self.part * self.n if self.part else math.inf
-            while self.part_end is None and self.k < len(self.events) and self.events[self.k][0] < end and \
-                    self.events[self.k][0] + self.offset <= now:
-                self._send(self.events[self.k][1], self.events[self.k][0] + self.offset)
-                self.k += 1
-            done = self.k == len(self.events)  # then the part ends with the file's last message
-            stop = min(end, self.events[-1][0] if self.events else 0.0) if done else end
-            if self.part_end is None and not self.finished and (done or self.events[self.k][0] >= end) and \
-                    now >= stop + self.offset:
-                stamp = stop + self.offset  # the pianist stops: keys up, pedal up
-                for ch, note in sorted(self.held):
-                    self._send(mido.Message("note_off", channel=ch, note=note), stamp)
-                for ch in sorted(self.pedal):
-                    self._send(mido.Message("control_change", channel=ch, control=64, value=0), stamp)
-                self.finished = done
-                self.part_end = stamp if self.part else None
-
-    def resume(self, ms):
-        with self.lock:
-            self.offset, self.part_end = ms - self.part * self.n, None
-            self.n += 1
-            for ch in sorted(self.file_pedal):  # a pedal the file still holds goes down again
-                self._send(mido.Message("control_change", channel=ch, control=64, value=127), ms)
-
-    def close(self):
-        self.closed = True
-
-
 class Recording:
     """The whole duet as a MIDI file (--save): the pianist's messages as they arrived and Aria's
     as they were sent, on two tracks at 1 tick = 1 ms, encoded as they come, so rewriting the file
@@ -155,10 +77,11 @@ class Recording:
         self.path, self.lock = path, threading.Lock()
         tempo = bytes([0, 0xFF, 0x51, 3, 0x07, 0xA1, 0x20])  # 120 bpm at 500 ticks per beat: 1 tick = 1 ms
         self.tracks = {who: [bytearray(tempo + bytes([0, 0xFF, 3, len(who)]) + who.encode()), 0, set()]
-                       for who in ("pianist", "aria")}
+                       for who in ("pianist", "aria")}  # bytes, last tick, notes sounding
 
     def add(self, who, msg, ms):
-        if msg.type not in ("note_on", "note_off") and not (msg.type == "control_change" and msg.control == 64):
+        note = msg.type in ("note_on", "note_off")
+        if not note and not (msg.type == "control_change" and msg.control == 64):
             return
         with self.lock:
             track = self.tracks[who]
@@ -169,20 +92,18 @@ class Recording:
                 n >>= 7
             track[0] += delta + bytes(msg.bytes())
             track[1] = tick
-            if msg.type == "note_on" and msg.velocity:
-                track[2].add((msg.channel, msg.note))
-            elif msg.type in ("note_on", "note_off"):
-                track[2].discard((msg.channel, msg.note))
+            if note:
+                on = msg.type == "note_on" and msg.velocity
+                (track[2].add if on else track[2].discard)((msg.channel, msg.note))
 
     def save(self):
         with self.lock:
-            chunks = []
+            chunks = b""
             for data, _, sounding in self.tracks.values():
                 body = bytes(data) + b"".join(bytes([0, 0x80 | ch, note, 0]) for ch, note in sorted(sounding))
                 body += bytes([0, 0xFF, 0x2F, 0])
-                chunks.append(b"MTrk" + struct.pack(">I", len(body)) + body)
-            blob = b"MThd" + struct.pack(">IHHH", 6, 1, len(chunks), 500) + b"".join(chunks)
-        M.atomic_write(self.path, lambda f: f.write(blob))
+                chunks += b"MTrk" + struct.pack(">I", len(body)) + body
+        M.atomic_write(self.path, lambda f: f.write(b"MThd" + struct.pack(">IHHH", 6, 1, 2, 500) + chunks))
 
 
 def free_path(path, overwrite):
@@ -198,15 +119,18 @@ def free_path(path, overwrite):
 # The performance as tokens
 
 
+@dataclass(slots=True)
 class Ev:
     """One event: a note (pitch, velocity, start and end ms, end None while its key is down; dur:
     Aria's duration token as she chose it, else made from the end and the pedal) or a pedal change
     (pitch None, vel = on). q: its onset on the tokens' grid, in ms from the first note; seq: order."""
-    __slots__ = ("q", "seq", "start", "end", "pitch", "vel", "dur")
-
-    def __init__(self, *fields):
-        for name, value in zip(self.__slots__, fields):
-            setattr(self, name, value)
+    q: int
+    seq: int
+    start: int
+    end: int | None
+    pitch: int | None
+    vel: int
+    dur: int | None = None
 
 
 class Performance:
@@ -215,16 +139,18 @@ class Performance:
 
     def __init__(self, pedal_mode):
         self.pedal_mode, self.head = pedal_mode, [T.INSTRUMENT_PREFIX_ID["piano"], T.BOS_ID]
-        self.events, self.n, self.origin, self.base = [], 0, None, None  # n: events so far
+        self.events, self.n = [], 0  # n: events so far
+        self.origin, self.base = None, None  # ms of the first note; of the window's start
         self.keys = {}  # pitch -> Ev: the pianist's keys down
         self.ped_ms, self.ped_on = [], []  # the context's pedal changes, alternating: for durations
-        self.stable, self.marks, self.seg = [], [], 0  # tokens of events[:len(marks)]; (len, <T>s) before each
+        self.stable, self.marks = [], []  # tokens of events[:len(marks)]; (tokens, <T>s) before each
+        self.seg = 0  # <T>s in stable
 
     def add(self, start, pitch, vel, end=None, dur=None):
         if self.origin is None and pitch is None:
             return None
         if self.origin is None:
-            self.origin = self.base = start
+            self.origin, self.base = start, start
         rel = start - self.origin
         ev = Ev(rel // SEG * SEG + T.ONSET_Q[rel % SEG], self.n, start, end, pitch, vel, dur)
         self.n += 1
@@ -285,7 +211,8 @@ class Performance:
             out += [T.PED_ON_ID if ev.vel else T.PED_OFF_ID, onset]
         else:
             end = now if ev.end is None else self.sustained(ev.end)
-            dur = ev.dur or T.DUR_START + T.quantize_dur(round((now if end is None else end) - ev.start)) // 10
+            end = now if end is None else end
+            dur = ev.dur or T.DUR_START + T.quantize_dur(round(end - ev.start)) // T.TIME_STEP_MS
             out += [T.NOTE_START + ev.pitch * 13 + T.VELOCITY_Q[ev.vel] // 10, onset, dur]
         return t // SEG
 
@@ -311,11 +238,11 @@ class Performance:
             i -= 1
             size += 3 if ev[i].pitch is not None else 2
         i = next((k for k in range(max(i, 1), len(ev)) if seg[k] > seg[k - 1]), max(i, 1))
-        down = self.ped_on[bisect.bisect_left(self.ped_ms, ev[i].start) - 1] if self.ped_ms else 0
+        j = bisect.bisect_left(self.ped_ms, ev[i].start) - 1
         self.base += seg[i] * SEG
         self.events = ev[i:]
-        if down and self.pedal_mode:  # the pedal held at the new start is pressed there
-            self.events.insert(0, Ev(self.base - self.origin, -1, self.base, self.base, None, 1, None))
+        if j >= 0 and self.ped_on[j] and self.pedal_mode:  # the pedal held at the new start is pressed there
+            self.events.insert(0, Ev(self.base - self.origin, -1, self.base, self.base, None, 1))
         j = max(0, bisect.bisect_left(self.ped_ms, self.base) - 1)
         del self.ped_ms[:j], self.ped_on[:j], self.stable[:], self.marks[:]
         self.seg = 0
@@ -323,12 +250,11 @@ class Performance:
     def cut_aria(self, ms, n0):
         """The pianist took the lead at ms: Aria's events from n0 on that had not started are
         gone, her notes sounding end there, and so does her pedal."""
-        keep = [e for e in self.events if e.seq < n0 or e.start < ms]
-        for e in keep:
+        self.events = [e for e in self.events if e.seq < n0 or e.start < ms]
+        for e in self.events:
             if e.seq >= n0 and e.pitch is not None and e.end > ms:
                 e.end, e.dur = ms, T.DUR_START + T.quantize_dur(round(ms - e.start)) // 10
-        self.events = keep
-        self.invalidate(next((i for i, e in enumerate(keep) if e.seq >= n0), len(keep)))
+        self.invalidate(next((i for i, e in enumerate(self.events) if e.seq >= n0), len(self.events)))
         j = bisect.bisect_left(self.ped_ms, ms)
         del self.ped_ms[j:], self.ped_on[j:]
         self.pedal(ms, 0)
@@ -350,29 +276,33 @@ class Duet:
     """The loop: listen (record, prefill), take over (decode, play), be interrupted, repeat."""
 
     def __init__(self, a, model, human, clock, record, log):
-        self.a, self.model, self.human, self.clock, self.record, self.log = a, model, human, clock, record, log
+        self.a, self.model = a, model
+        self.human, self.clock = human, clock
+        self.record, self.log = record, log
         self.player = None  # main() sets it once the window is known to fit
         self.perf = Performance(model.pedal)  # the performance is tokenized in the model's vocabulary
-        self.capacity = min(model.config.max_seq_len, a.context)
-        self.rate, self.chunk, self.lead_ms = PRIOR_TOKENS_PER_S, 32, 50.0
-        left = self.capacity - self.allowance(fit=False) - SLACK
-        if left < MIN_WINDOW:
-            raise S.Fail(f"the model reads {self.capacity} tokens (max_seq_len {model.config.max_seq_len}, "
-                         f"--context {a.context}) and one turn may add {self.allowance(fit=False)} (--seconds "
-                         f"{a.seconds:g} at ~{PRIOR_TOKENS_PER_S * 1.5:g} tokens/s, at most --length {a.length}): "
-                         f"that leaves {left} for the performance, under {MIN_WINDOW}; raise --context or lower "
-                         "--seconds or --length")
-        self.cached, self.ids, self.inbox = [], [], collections.deque()  # cached: what the KV cache holds
-        self.aria, self.taken_back, self.listen_from, self.cc_down = False, None, 0.0, False
-        self.last_key, self.heard, self.turns, self.per_turn = None, False, 0, []
-        self.cuts = self.rebuilds = self.saved_at = 0
-        self.counted = 0, 0
+        self.capacity, self.rate = min(model.config.max_seq_len, a.context), PRIOR_TOKENS_PER_S
+        turn = self.allowance(fit=False)
+        if self.capacity - turn - SLACK < MIN_WINDOW:
+            raise S.Fail(f"the model reads {self.capacity} tokens (max_seq_len, --context {a.context}); a "
+                         f"turn may add {turn} (--seconds {a.seconds:g}, --length {a.length}): "
+                         f"{self.capacity - turn - SLACK} left for the performance, under {MIN_WINDOW}; "
+                         "raise --context or lower --seconds or --length")
+        self.cached, self.ids = [], []  # what the KV cache holds; the performance's tokens
+        self.inbox, self.listen_from = collections.deque(), 0.0  # the pianist's (ms, message)s; counted from
+        self.aria, self.taken_back = False, None  # Aria's turn; when the pianist took the lead
+        self.last_key, self.heard = None, False  # a key since the last turn
+        self.turns, self.per_turn = 0, []
+        self.cuts, self.rebuilds = 0, 0
+        self.counted, self.saved_at = (0, 0), 0.0
+        self.cc_down, self.prefilled = False, 0
+        self.chunk, self.lead_ms = 32, 50.0  # tokens a prefill chunk; her first note's lead (warm())
         self.device = model.model.tok_embeddings.weight.device
         model.setup_cache(1, self.capacity, device=self.device)
 
     def allowance(self, fit=True):
         """Tokens one turn may add: --seconds of music at 1.5 x the performance's rate (hers may be
-        denser), at most --length; fit: leaving the window MIN_WINDOW (a denser performance)."""
+        denser), at most --length; fit: leaving the window MIN_WINDOW."""
         want = min(self.a.length, math.ceil(self.a.seconds * self.rate * 1.5))
         return min(want, self.capacity - MIN_WINDOW - SLACK) if fit else want
 
@@ -381,8 +311,8 @@ class Duet:
 
     def generate(self, ids, length, sampling, **kw):
         gpu = self.device.type == "cuda"
-        return S.generate(self.model, ids, 1, length, sampling, device=self.device, compile=self.a.compile and gpu,
-                          cuda_graph=self.a.cuda_graph and gpu, **kw)[0]
+        return S.generate(self.model, ids, 1, length, sampling, device=self.device,
+                          compile=self.a.compile and gpu, cuda_graph=self.a.cuda_graph and gpu, **kw)[0]
 
     def warm(self):
         """Before listening: one prefill and a few decode steps (allocation; compile where on), whose
@@ -400,7 +330,8 @@ class Duet:
         """A message of the pianist, from the input's thread as it arrives: a key while Aria plays
         stops her at once (after the pianist's key is known: her release spares it)."""
         self.player.human(msg, self.a.echo)
-        if self.aria and self.taken_back is None and msg.type == "note_on" and msg.velocity and msg.channel != 9:
+        key = msg.type == "note_on" and msg.velocity and msg.channel != 9
+        if key and self.aria and self.taken_back is None:
             self.taken_back = ms
             self.player.stop()
         if self.record:
@@ -443,36 +374,38 @@ class Duet:
             ids, stable = perf.tokens(now)
         self.rate = max(PRIOR_TOKENS_PER_S, len(ids) / max(10.0, (now - perf.base) / 1000))
         upto = len(ids) - 1 if final else min(stable, len(ids) - 1)
-        k = next((i for i, (x, y) in enumerate(zip(ids, self.cached)) if x != y), min(len(ids), len(self.cached)))
+        k = min(len(ids), len(self.cached))  # how much of the cache still holds
+        k = next((i for i, (x, y) in enumerate(zip(ids, self.cached)) if x != y), k)
         end = upto if final else min(upto, k + self.chunk)
         if k < end:
             self.rebuilds += k <= len(perf.head) < len(self.cached)
             with torch.no_grad():
                 self.model(torch.tensor([ids[k:end]], device=self.device), input_pos=k,
                            out_pos=torch.zeros(1, dtype=torch.long, device=self.device))
-            dt = max(self.clock.now() - t0, 1e-4)
-            self.chunk = int(min(256, max(16, (end - k) / dt * PREFILL_SLICE_S))) if end - k >= 16 else self.chunk
-        self.ids, self.cached, self.prefilled = ids, ids[:max(k, end)], max(0, end - k)
+            if end - k >= 16:  # the chunk that takes about PREFILL_SLICE_S on this machine, now
+                rate = (end - k) / max(self.clock.now() - t0, 1e-4)
+                self.chunk = int(min(256, max(16, rate * PREFILL_SLICE_S)))
+        self.ids, self.cached = ids, ids[:max(k, end)]
+        self.prefilled = max(0, end - k)
         return end < upto
 
     def listen(self):
         """Until the takeover; -> its time (ms), or None when a file is over and was answered."""
-        a, perf, human = self.a, self.perf, self.human
+        a, perf = self.a, self.perf
         perf.pedal(round(self.listen_from), int(self.player.human_pedal))  # their pedal as it is now
         next_prefill = 0.0
-        while True:
-            part_end = getattr(human, "part_end", None)  # (read first: its messages are in the inbox)
+        while not self.player.error:  # (main() says it)
+            part_end = getattr(self.human, "part_end", None)  # (read first: its messages are in the inbox)
             signal, now = self.poll(), self.clock.ms()
-            if self.player.error:  # (main() says it)
-                return None
             if signal is None and part_end is not None:
                 if not self.heard:  # a part with no note: on to the next
-                    human.resume(now)
+                    self.human.resume(now)
                     continue
                 signal = part_end
-            if signal is None and a.pause and self.heard and not perf.keys and now - self.last_key >= a.pause * 1e3:
-                signal = self.last_key + a.pause * 1000  # a pause ends `pause` s after the last key
-            if signal is None and getattr(human, "finished", False) and not self.inbox:
+            rested = a.pause and self.heard and not perf.keys and now >= self.last_key + a.pause * 1e3
+            if signal is None and rested:
+                signal = self.last_key + a.pause * 1e3  # a pause ends `pause` s after the last key
+            if signal is None and getattr(self.human, "finished", False) and not self.inbox:
                 if not self.heard:
                     return None
                 signal = now
@@ -480,29 +413,34 @@ class Duet:
                 self.heard = False
                 return signal
             if now >= next_prefill:
-                next_prefill = now + (0 if self.sync(now) else a.prefill_every * 1000)  # behind: again at once
+                behind = self.sync(now)
+                next_prefill = now + (0 if behind else a.prefill_every * 1000)
             self.maybe_save()
             self.clock.sleep(0.002)
+        return None
 
     def play(self, t_take):
         """Aria's turn from the takeover at t_take ms; -> why it ended."""
-        a, perf, pl, clock = self.a, self.perf, self.player, self.clock
-        self.taken_back = next((ms for ms, m in self.inbox if m.type == "note_on" and m.velocity and ms >= t_take),
-                               None)
-        self.aria, t0 = True, clock.now()
+        a, perf = self.a, self.perf
+        pl, clock = self.player, self.clock
+        pressed = [ms for ms, m in self.inbox if m.type == "note_on" and m.velocity and ms >= t_take]
+        self.taken_back, self.aria = (pressed or [None])[0], True
+        t0 = clock.now()
         perf.end_keys(round(t_take))
         self.sync(t_take, final=True)
-        ids, base, n0 = self.ids, perf.base, perf.n
-        turn = dict(takeover_s=round(t_take / 1000, 3), context_tokens=len(ids), context_s=round((t_take - base) / 1000, 2),
-                    prefill_behind=self.prefilled, prefill_s=round(clock.now() - t0, 3))
+        ids, base = self.ids, perf.base
+        n0 = perf.n  # her events from here
+        turn = dict(takeover_s=round(t_take / 1000, 3), context_tokens=len(ids),
+                    context_s=round((t_take - base) / 1000, 2), prefill_behind=self.prefilled,
+                    prefill_s=round(clock.now() - t0, 3))
         floor = round(clock.ms() + self.lead_ms - base)  # her first onset, on the tokens' timeline
         ids = ids + [T.SEG_ID] * max(0, floor // SEG - ids[len(perf.head):].count(T.SEG_ID))
         t_end = t_take + a.seconds * 1000
-        t_prompt = S.prompt_info(ids, self.model.config.vocab_size)
+        info = S.prompt_info(ids, self.model.config.vocab_size)  # generate's `seconds` from its last onset
+        t_last = base + info[3] * SEG + (info[2] - T.ONSET_START) * T.TIME_STEP_MS
         sampling = S.sampling_from_args(a, seed=a.seed + self.turns, eos=a.may_end, dim=a.may_end,
                                         min_onset_ms=floor % SEG, max_onset_ms=floor % SEG + FIRST_REST_MS,
-                                        seconds=(t_end - base - t_prompt[3] * SEG - (t_prompt[2] - T.ONSET_START)
-                                                 * T.TIME_STEP_MS) / 1000)
+                                        seconds=(t_end - t_last) / 1000)
         stream, why = P.NoteStream(ids), []
         pl.begin_turn()
         if self.taken_back is not None:  # a key came with the takeover
@@ -524,33 +462,33 @@ class Duet:
             if base + stream.base >= t_end:  # a rest past the end
                 why.append("seconds")
                 return True
-            while pl.turn["last_start"] - clock.now() > a.lookahead and self.taken_back is None and not pl.error:
+            ahead = lambda: pl.turn["last_start"] - clock.now() > a.lookahead  # noqa: E731
+            while ahead() and self.taken_back is None and not pl.error:
                 self.maybe_save()
                 clock.sleep(0.002)
             return self.taken_back is not None or pl.error is not None
 
         try:
-            row = self.generate(ids, min(self.allowance(), self.capacity - len(ids)), sampling, on_step=on_step,
-                                prefilled=len(self.cached))
+            length = min(self.allowance(), self.capacity - len(ids))
+            row = self.generate(ids, length, sampling, on_step=on_step, prefilled=len(self.cached))
             self.cached = row[:-1]
             why.append("<E>" if row[-1] == T.EOS_ID else "tokens")
             if self.taken_back is None and not pl.error:  # her sustain lifted as her last note ends
                 perf.pedal(round(pl.end_turn(a.channel)), 0)
-                while pl.busy() and self.taken_back is None and not pl.error:  # the last notes ring, still listening
+                while pl.busy() and self.taken_back is None and not pl.error:  # her last notes ring
                     self.maybe_save()
                     clock.sleep(0.002)
         finally:  # (a turn cut by Ctrl-C or an error counts too)
             self.aria, end = False, clock.ms() if self.taken_back is None else self.taken_back
             if self.taken_back is not None:
                 perf.cut_aria(round(end), n0)
-            self.listen_from = end
-            since = lambda w: None if w is None else round(clock.ms(w) / 1000 - t_take / 1000, 3)  # noqa: E731
-            t, self.turns = pl.turn, self.turns + 1
-            self.per_turn.append(dict(first_note_s=since(t["first_sent"]), first_note_ready_s=since(t["first_ready"]),
-                                      notes=t["notes"], late=t["late"], shift_s=round(pl.shift, 3), **turn,
-                                      cache_rebuilds=self.rebuilds - self.counted[0], cuts=self.cuts - self.counted[1],
-                                      rss_mb=rss_mb()))
-            self.counted = self.rebuilds, self.cuts  # (per turn: since the last one)
+            self.listen_from, t = end, pl.turn
+            since = lambda w: None if w is None else round((clock.ms(w) - t_take) / 1000, 3)  # noqa: E731
+            self.per_turn.append(dict(
+                first_note_s=since(t["first_sent"]), first_note_ready_s=since(t["first_ready"]),
+                notes=t["notes"], late=t["late"], shift_s=round(pl.shift, 3), **turn, rss_mb=rss_mb(),
+                cache_rebuilds=self.rebuilds - self.counted[0], cuts=self.cuts - self.counted[1]))
+            self.counted, self.turns = (self.rebuilds, self.cuts), self.turns + 1
         return "pianist" if self.taken_back is not None else why[0]
 
     def maybe_save(self):
@@ -563,6 +501,7 @@ class Duet:
             self.saved_at = self.clock.ms()
 
     def run(self):
+        part = getattr(self.human, "part", None)
         while not self.a.turns or self.turns < self.a.turns:
             t_take = self.listen()
             if t_take is None:
@@ -570,12 +509,12 @@ class Duet:
             why = self.play(t_take)
             t = self.per_turn[-1]
             self.log(f"turn {self.turns}: takeover at {t_take / 1000:.2f} s ({t['context_tokens']} tokens, "
-                     f"{t['context_s']} s of music in context), first note decoded {t['first_note_ready_s']} s "
-                     f"and played {t['first_note_s']} s later, {t['notes']} notes, ended by {why}")
+                     f"{t['context_s']} s of music in context), first note decoded {t['first_note_ready_s']} "
+                     f"s and played {t['first_note_s']} s later, {t['notes']} notes, ended by {why}")
             self.save()
-            if getattr(self.human, "part", None) and (self.human.finished or self.turns == self.a.turns):
+            if part and (self.human.finished or self.turns == self.a.turns):
                 break
-            if getattr(self.human, "part", None):
+            if part:
                 self.human.resume(self.clock.ms())
 
 
@@ -586,44 +525,37 @@ class Duet:
 def build_parser():
     ap = S.Parser(prog="live.py", description="Play a duet with Aria in real time over MIDI.",
                   formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    ap.add_argument("--list", action="store_true", help="list the MIDI input and output ports and exit")
-    ap.add_argument("--in", dest="inp", default=None,
-                    help="the pianist: a MIDI input port, or a .mid file played in real time")
-    ap.add_argument("--out", default="-", help="a MIDI output port, or - for JSON lines on stdout")
-    ap.add_argument("--backend", default=None,
-                    help="a mido backend (default: MIDO_BACKEND, else rtmidi on its default API), e.g. "
-                         "mido.backends.rtmidi/UNIX_JACK where there is no ALSA sequencer")
-    ap.add_argument("--channel", type=int, default=0,
-                    help="the MIDI channel Aria plays on (0-15); where the instrument allows, another than "
-                         "the pianist's, so her notes and pedal never touch theirs")
-    ap.add_argument("--takeover_cc", type=int, default=67,
-                    help="the control change that hands over to Aria (67: soft pedal, as the official demo)")
-    ap.add_argument("--pause", type=float, default=0.0,
-                    help="also hand over after this many seconds with no key down; 0 = off")
-    ap.add_argument("--takeover", type=float, default=None,
-                    help="file mode: Aria takes over after each this many seconds of the file, which then "
-                         "plays on from there")
-    ap.add_argument("--turns", type=int, default=None,
-                    help="times Aria takes over; 0 = until Ctrl-C (default for a port; 1 for a file)")
-    ap.add_argument("--may_end", action="store_true",
-                    help="let Aria sample <E> and <D> (end her turn herself); off, as in the official demo")
-    ap.add_argument("--echo", action="store_true",
-                    help="send the pianist's notes to the output too (always on with a file as --in)")
-    ap.add_argument("--save", default=None,
-                    help="keep the whole duet in this MIDI file (pianist and Aria on two tracks), rewritten "
-                         f"every {SAVE_EVERY_S} s, after each turn and at exit; an existing file gets a number")
-    ap.add_argument("--overwrite", action="store_true", help="--save over an existing file")
-    ap.add_argument("--length", type=int, default=2048, help="new tokens per turn at most")
-    ap.add_argument("--context", type=int, default=4096,
-                    help="tokens the model reads at most (with its max_seq_len): the window of the performance "
-                         "plus what one turn may add")
-    ap.add_argument("--prefill_every", type=float, default=0.25,
-                    help="seconds between prefills of the performance while the pianist plays")
-    ap.add_argument("--lookahead", type=float, default=3.0,
-                    help="seconds of music Aria decodes ahead of the clock at most: a buffer for dense passages "
-                         "and big chords (what the pianist interrupts is dropped, so a longer one costs no delay)")
+    add = ap.add_argument
+    add("--list", action="store_true", help="list the MIDI input and output ports and exit")
+    add("--in", dest="inp", default=None, help="the pianist: a MIDI input port, or a .mid file played as one")
+    add("--out", default="-", help="a MIDI output port, or - for JSON lines on stdout")
+    add("--backend", default=None, help="a mido backend (default: MIDO_BACKEND, else rtmidi's default API), "
+        "e.g. mido.backends.rtmidi/UNIX_JACK where there is no ALSA sequencer")
+    add("--channel", type=int, default=0, help="the MIDI channel Aria plays on (0-15): another than the "
+        "pianist's where the instrument allows, so that her notes and pedal never touch theirs")
+    add("--takeover_cc", type=int, default=67,
+        help="the control change that hands over to Aria (67: soft pedal, as the official demo)")
+    add("--pause", type=float, default=0.0,
+        help="also hand over after this many seconds with no key down; 0 = off")
+    add("--takeover", type=float, default=None,
+        help="file mode: Aria takes over after each this many seconds of the file, which then plays on")
+    add("--turns", type=int, default=None,
+        help="times Aria takes over; 0 = until Ctrl-C (default for a port; 1 for a file)")
+    add("--may_end", action="store_true",
+        help="let Aria sample <E> and <D> (end her turn herself); off, as in the official demo")
+    add("--echo", action="store_true", help="send the pianist's notes to the output too (always with a file)")
+    add("--save", default=None, help="keep the whole duet in this MIDI file (pianist, Aria: two tracks), "
+        f"rewritten every {SAVE_EVERY_S} s, after each turn and at exit; an existing file gets a number")
+    add("--overwrite", action="store_true", help="--save over an existing file")
+    add("--length", type=int, default=2048, help="new tokens per turn at most")
+    add("--context", type=int, default=4096, help="tokens the model reads at most (and its max_seq_len): the "
+        "window of the performance plus what one turn may add")
+    add("--prefill_every", type=float, default=0.25,
+        help="seconds between prefills of the performance while the pianist plays")
+    add("--lookahead", type=float, default=3.0, help="seconds of music Aria decodes ahead of the clock at "
+        "most: a buffer for dense passages and big chords (what the pianist interrupts is dropped: no delay)")
     S.add_model_args(ap)
-    # the official demo's README runs temperature 0.85, min-p 0.05; a turn is --seconds of music
+    # the official demo's README runs temperature 0.85, min-p 0.05; --seconds: music per turn
     S.add_sampling_args(ap, temp=0.85, min_p=0.05, seconds=20.0)
     return ap
 
@@ -637,9 +569,9 @@ def main(argv=None, clock=None):
         return 0
     if a.inp is None:
         raise S.Fail("--in: a MIDI input port or a .mid file (python live.py --list names the ports)")
-    for bad, msg in [(not 0 <= a.channel <= 15, "--channel must be in 0..15"), (a.seconds is None or a.seconds <= 0,
-                     "--seconds must be > 0"), (a.length < 1, "--length must be >= 1"), (a.lookahead <= 0,
-                     "--lookahead must be > 0"), (a.takeover is not None and a.takeover <= 0, "--takeover must be > 0")]:
+    for bad, msg in [(not 0 <= a.channel <= 15, "--channel: 0..15"), (a.seconds <= 0, "--seconds: > 0"),
+                     (a.length < 1, "--length: >= 1"), (a.lookahead <= 0, "--lookahead: > 0"),
+                     (a.takeover is not None and a.takeover <= 0, "--takeover: > 0")]:
         if bad:
             raise S.Fail(msg)
     if a.threads:
@@ -648,14 +580,15 @@ def main(argv=None, clock=None):
     file_mode = Path(a.inp).suffix.lower() in (".mid", ".midi")
     a.turns = (1 if file_mode else 0) if a.turns is None else a.turns
     a.echo = a.echo or file_mode
-    human = FileHuman(a.inp, a.takeover) if file_mode else \
-        P.open_port(a.inp, "input", a.backend, callback=lambda msg: sink[0](msg, clock.ms()))  # before the model
+    human = P.FileHuman(a.inp, a.takeover) if file_mode else \
+        P.open_port(a.inp, "input", a.backend, callback=lambda m: sink[0](m, clock.ms()))  # before the model
     out = P.JsonOut() if a.out == "-" else P.open_port(a.out, "output", a.backend)
     device = S.pick_device(a.device)
     model, path = S.load_lm(a, device, S.pick_dtype(a.dtype, device))
     log = (lambda msg: print(msg, file=sys.stderr, flush=True)) if a.out == "-" else print
-    log(f"model: {path}, {model.num_params() / 1e6:.1f}M parameters, {device}, "
-        f"{(getattr(model, 'quantized', None) or {'mode': 'float'})['mode']} weights{', pedal' if model.pedal else ''}")
+    weights = (getattr(model, "quantized", None) or {"mode": "float"})["mode"]
+    log(f"model: {path}, {model.num_params() / 1e6:.1f}M parameters, {device}, {weights} weights"
+        + (", pedal" if model.pedal else ""))
     record = Recording(free_path(a.save, a.overwrite)) if a.save else None
 
     def on_send(who, msg, ms):
@@ -668,7 +601,8 @@ def main(argv=None, clock=None):
         duet.warm()
         clock.start = clock.now()  # the duet's time 0
         sink[0] = duet.receive
-        log(f"listening to {a.inp}, Aria on channel {a.channel}" + (f", saving to {record.path}" if record else ""))
+        saving = f", saving {record.path}" if record else ""
+        log(f"listening to {a.inp}, Aria on channel {a.channel}{saving}")
         if file_mode:
             human.start(clock, duet.receive)
         duet.run()
@@ -679,13 +613,11 @@ def main(argv=None, clock=None):
     finally:
         stuck = player.close()
         human.close()
-        if record:
-            record.save()
+        duet.save()
     turns = duet.per_turn
-    firsts = [t["first_note_s"] for t in turns if t["first_note_s"] is not None]
-    summary = dict(summary=True, first_note_s=max(firsts, default=None), first_note_s_turns=firsts,
-                   first_note_ready_s=max((t["first_note_ready_s"] for t in turns if t["first_note_s"] is not None),
-                                          default=None),
+    played = [t for t in turns if t["first_note_s"] is not None]
+    summary = dict(summary=True, first_note_s=max((t["first_note_s"] for t in played), default=None),
+                   first_note_ready_s=max((t["first_note_ready_s"] for t in played), default=None),
                    notes=player.stats["notes"], late=player.stats["late"], stuck=stuck,
                    shift_s=max((t["shift_s"] for t in turns), default=0.0), turns=duet.turns, per_turn=turns,
                    saved=record and str(record.path))

@@ -1,10 +1,11 @@
 """
-Timed MIDI output, shared by sample.py (--stream, --port) and live.py (the duet): the MIDI ports,
-a clock (the wall clock, or a simulated one for tests), a scheduler that plays notes at their
-times, and the notes a stream of tokens completes, one token at a time.
+MIDI in and out for sample.py (--stream, --port) and live.py (the duet): the ports (their errors in
+one line), a MIDI file played as a pianist, a clock (the wall clock, or a simulated one for tests),
+a scheduler that plays notes at their times, and the notes a stream of tokens completes.
 """
 import heapq
 import json
+import math
 import os
 import sys
 import threading
@@ -26,12 +27,12 @@ class LiveError(Exception):
 
 
 def _backend_call(fn, backend):
-    """fn() on the MIDI backend, its failures as one line. The C libraries under python-rtmidi
-    (ALSA, JACK) print their own lines to fd 2 when they cannot start: those are kept off it."""
+    """fn(the backend: mido's default, or the one named), its failures as one line. The C libraries
+    under python-rtmidi (ALSA, JACK) print their own lines on fd 2 when they cannot start: not here."""
     saved, null = os.dup(2), os.open(os.devnull, os.O_WRONLY)
     os.dup2(null, 2)
     try:
-        return fn(mido.Backend(backend) if backend else mido)  # (mido's functions: its default backend)
+        return fn(mido.Backend(backend) if backend else mido)
     except ImportError as e:
         if backend and "rtmidi" not in str(e):
             raise LiveError(f"--backend {backend}: {e}") from None
@@ -44,7 +45,7 @@ def _backend_call(fn, backend):
             hint = ("no ALSA sequencer here (/dev/snd/seq; a container has none): load snd-seq, or start "
                     "JACK (jackd -d dummy) and pass --backend mido.backends.rtmidi/UNIX_JACK")
         elif "JACK" in str(e):
-            hint = "the JACK server is not running: start it (jackd -d dummy), or pick another API with --backend"
+            hint = "the JACK server is not running: start it (jackd -d dummy), or pick another --backend"
         raise LiveError(f"python-rtmidi cannot open MIDI ({str(e).strip()}); {hint}") from None
     finally:
         os.dup2(saved, 2)
@@ -57,8 +58,8 @@ def port_names(kind, backend=None):
 
 
 def open_port(name, kind, backend=None, callback=None):
-    """A mido port by name; an input calls callback(msg) from the backend's thread as each
-    message arrives."""
+    """A mido port by name; an input calls callback(msg) from the backend's thread as each message
+    arrives."""
     names = port_names(kind, backend)
     if name not in names:
         raise LiveError(f"no MIDI {kind} named {name!r}; {kind}s: {', '.join(map(repr, names)) or 'none'}")
@@ -76,6 +77,79 @@ class JsonOut:
     def send(self, msg, due=None, sent=None, who=None):
         self.stream.write(json.dumps({**msg.dict(), "who": who, "due": due, "sent": sent}) + "\n")
         self.stream.flush()
+
+
+class FileHuman:
+    """A MIDI file as the pianist: its messages reach deliver(msg, ms) at their times (the time is
+    the stamp), from a thread or a simulated clock's ticks, as a port's reach its callback. With
+    `part` s it plays that much, releases its keys and pedal and waits: resume() plays its next
+    part from then on."""
+
+    def __init__(self, path, part=None):
+        try:
+            t, self.events = 0.0, []
+            for msg in mido.MidiFile(path):  # all tracks merged, delta times in seconds, tempo applied
+                t += msg.time
+                if msg.type in ("note_on", "note_off", "control_change"):
+                    self.events.append((t * 1000, msg))
+        except (OSError, EOFError, ValueError, KeyError, IndexError) as e:
+            raise LiveError(f"{path}: not a readable MIDI file ({type(e).__name__}: {e})") from None
+        self.part, self.n = part and part * 1000, 1  # the part playing
+        self.k, self.offset = 0, 0.0  # the next message; ms from the file's time to the clock's
+        self.held, self.pedal = set(), set()  # keys and pedals down
+        self.part_end, self.finished = None, False
+        self.closed, self.lock = False, threading.Lock()
+
+    def start(self, clock, deliver):
+        self.clock, self.deliver = clock, deliver
+        if isinstance(clock, SimClock):
+            clock.ticks.insert(0, self.pump)
+        else:
+            threading.Thread(target=self._feed, daemon=True).start()
+
+    def _feed(self):
+        while not self.closed and not self.finished:
+            self.pump()
+            due = self.events[self.k][0] + self.offset if self.k < len(self.events) else math.inf
+            self.clock.sleep(min(0.01, (due - self.clock.ms()) / 1000))
+
+    def _send(self, msg, ms):
+        key = (getattr(msg, "channel", 0), getattr(msg, "note", None))
+        if msg.type in ("note_on", "note_off") and not (msg.type == "note_on" and msg.velocity):
+            if key not in self.held:  # a note cut at the end of the last part
+                return
+            self.held.discard(key)
+        elif msg.type == "note_on":
+            self.held.add(key)
+        elif msg.control == 64:
+            (self.pedal.add if msg.value >= 64 else self.pedal.discard)(msg.channel)
+        self.deliver(msg, ms)
+
+    def pump(self):
+        with self.lock:
+            ev, now = self.events, self.clock.ms()
+            end = self.part * self.n if self.part else math.inf
+            while self.part_end is None and self.k < len(ev) and ev[self.k][0] < end \
+                    and ev[self.k][0] + self.offset <= now:
+                self._send(ev[self.k][1], ev[self.k][0] + self.offset)
+                self.k += 1
+            done = self.k == len(ev)  # then the part ends with the file's last message
+            stop = (min(end, ev[-1][0] if ev else 0.0) if done else end) + self.offset
+            if self.part_end is None and not self.finished and (done or ev[self.k][0] >= end) and now >= stop:
+                for ch, note in sorted(self.held):  # the pianist stops: keys up, pedal up
+                    self._send(mido.Message("note_off", channel=ch, note=note), stop)
+                for ch in sorted(self.pedal):
+                    self._send(mido.Message("control_change", channel=ch, control=64, value=0), stop)
+                self.finished = done
+                self.part_end = stop if self.part else None
+
+    def resume(self, ms):
+        with self.lock:
+            self.offset, self.part_end = ms - self.part * self.n, None
+            self.n += 1
+
+    def close(self):
+        self.closed = True
 
 
 # -----------------------------------------------------------------------------
@@ -103,7 +177,8 @@ class SimClock(Clock):
     file's messages); computing takes no time."""
 
     def __init__(self):
-        self.start, self.t, self.ticks = 0.0, 0.0, []
+        self.start, self.t = 0.0, 0.0
+        self.ticks = []
 
     def now(self):
         return self.t
@@ -128,15 +203,17 @@ class Player:
     waits for their release. Thread-safe: a scheduler thread plays, or a SimClock's ticks."""
 
     def __init__(self, out, clock, on_send=None):
-        self.out, self.clock, self.on_send = out, clock, on_send
-        self.heap, self.seq, self.cv = [], 0, threading.Condition()
+        self.out, self.clock = out, clock
+        self.on_send = on_send  # on_send(who, msg, ms): a recording
+        self.heap, self.seq = [], 0
+        self.cv = threading.Condition()
         self.sounding = {}  # (channel, pitch) -> when its latest note-on of Aria's was sent
         self.pedal = set()  # channels where Aria's pedal is down
         self.held, self.human_pedal = set(), False  # (channel, pitch) the pianist holds; their pedal
         self.waiting, self.pedal_waiting = set(), set()  # Aria's releases held back for the pianist
         self.keys = {}  # (channel, pitch) -> on, for every note message that reached the output
-        self.stats = dict(notes=0, late=0)
-        self.error, self.closed = None, False
+        self.stats, self.error = dict(notes=0, late=0), None
+        self.closed = False
         self.begin_turn()
         if isinstance(clock, SimClock):
             clock.ticks.append(self._pump)
@@ -170,9 +247,10 @@ class Player:
         with self.cv:
             if not self.playing:
                 return None
-            now, turn, first = self.clock.now(), self.turn, self.turn["first_ready"] is None
+            now, turn = self.clock.now(), self.turn
+            first = turn["first_ready"] is None
             asked = self.clock.start + start_ms / 1000 + self.shift
-            if first or asked < now - LATE_MS / 1000:  # (a chord's last notes, a few ms behind, do not move it)
+            if first or asked < now - LATE_MS / 1000:  # (a chord's last notes, a few ms behind, do not)
                 self.shift += max(0.0, now - asked)
             asked = max(asked, now) if first else asked  # lateness counts from here
             due = self.clock.start + start_ms / 1000 + self.shift
@@ -187,7 +265,8 @@ class Player:
         with self.cv:
             if not self.playing:
                 return None
-            self._push(max(self.clock.now(), self.clock.start + ms / 1000 + self.shift), ("cc", channel, 64, 127 * on))
+            due = max(self.clock.now(), self.clock.start + ms / 1000 + self.shift)
+            self._push(due, ("cc", channel, 64, 127 * on))
             return ms + self.shift * 1000
 
     def end_turn(self, channel=0):
@@ -198,27 +277,23 @@ class Player:
             return self.clock.ms(due)
 
     def human(self, msg, echo=False):
-        """A message of the pianist: what they hold is kept (Aria's releases wait for it), and
-        with echo it goes out at once."""
+        """A message of the pianist: what they hold is kept (Aria's releases wait for it), and with
+        echo it goes out at once."""
         with self.cv:
             if msg.type in ("note_on", "note_off"):
-                key = (msg.channel, msg.note)
-                if msg.type == "note_on" and msg.velocity:
-                    self.held.add(key)
-                else:
-                    self.held.discard(key)
+                on = msg.type == "note_on" and msg.velocity
+                (self.held.add if on else self.held.discard)((msg.channel, msg.note))
             elif msg.type == "control_change" and msg.control == 64:
                 self.human_pedal = msg.value >= 64
             if echo:
                 self._send(msg, self.clock.now(), "pianist")
-            now = self.clock.now()
             for ch, pitch in [k for k in self.waiting if not self._holds(k[1])]:
                 self.waiting.discard((ch, pitch))
                 if self.sounding.pop((ch, pitch), None) is not None:
-                    self._send(mido.Message("note_off", channel=ch, note=pitch), now)
-            for ch in list(self.pedal_waiting if not self.human_pedal else ()):
-                self.pedal_waiting.discard(ch)
-                self._send(mido.Message("control_change", channel=ch, control=64, value=0), now)
+                    self._send(mido.Message("note_off", channel=ch, note=pitch), self.clock.now())
+            while self.pedal_waiting and not self.human_pedal:
+                ch = self.pedal_waiting.pop()
+                self._send(mido.Message("control_change", channel=ch, control=64, value=0), self.clock.now())
 
     def _holds(self, pitch):
         return any(p == pitch for _, p in self.held)
@@ -231,7 +306,7 @@ class Player:
     def _pump(self):
         with self.cv:
             while self.heap and self.heap[0][0] <= self.clock.now():
-                due, _, item = heapq.heappop(self.heap)
+                due, item = heapq.heappop(self.heap)[::2]
                 self._play(due, item)
 
     def _run(self):
@@ -241,13 +316,14 @@ class Player:
                 if not self.heap or self.heap[0][0] > now:
                     self.cv.wait(None if not self.heap else self.heap[0][0] - now)
                     continue
-                due, _, item = heapq.heappop(self.heap)
+                due, item = heapq.heappop(self.heap)[::2]
                 self._play(due, item)
 
     def _play(self, due, item):
-        kind, ch, a, b = item[:4]
+        kind, ch = item[:2]
+        a, b = item[2:4]
         if kind == "on":
-            if (ch, a) in self.sounding and not self._holds(a):  # struck again while sounding: release it first
+            if (ch, a) in self.sounding and not self._holds(a):  # struck again while sounding: released first
                 self._send(mido.Message("note_off", channel=ch, note=a), due)
             sent = self._send(mido.Message("note_on", channel=ch, note=a, velocity=b), due)
             self.sounding[ch, a] = sent
@@ -280,30 +356,28 @@ class Player:
             return bool(self.heap or set(self.sounding) - self.waiting)
 
     def stop(self):
-        """Aria stops now (the pianist took the lead, or the end): nothing more queued or taken
-        this turn, her notes released and her pedal lifted (the pianist's held back)."""
+        """Aria stops now (the pianist took the lead, or the end): nothing more queued or taken this
+        turn, her notes released and her pedal lifted (the pianist's held back)."""
         with self.cv:
             self.playing = False
             self.heap.clear()
-            now = self.clock.now()
-            for ch, pitch in list(self.sounding):
-                if (ch, pitch) not in self.waiting:
-                    self._release(ch, pitch, now)
+            for ch, pitch in [k for k in self.sounding if k not in self.waiting]:
+                self._release(ch, pitch, self.clock.now())
             for ch in list(self.pedal):
-                self._play(now, ("cc", ch, 64, 0))
+                self._play(self.clock.now(), ("cc", ch, 64, 0))
 
     def reset(self, channels):
         """All notes off and the pedal up on these channels (before the duet starts)."""
         with self.cv:
             for ch in channels:
                 for control in (123, 64):
-                    self._send(mido.Message("control_change", channel=ch, control=control, value=0),
-                               self.clock.now())
+                    msg = mido.Message("control_change", channel=ch, control=control, value=0)
+                    self._send(msg, self.clock.now())
 
     def close(self):
         """Silence everything: Aria's notes (those held back too), any echoed note still held, the
-        pedal on every channel used; -> stuck: the notes the output was left holding (its
-        note-ons without a note-off)."""
+        pedal on every channel used; -> stuck: the notes the output was left holding (its note-ons
+        without a note-off)."""
         self.stop()
         with self.cv:
             self.held.clear()
@@ -342,7 +416,7 @@ class NoteStream:
         elif cls in (T.ONSET, T.DUR) and self.event:
             self.event.append(tok)
             if cls == T.DUR or T.TOKEN_CLASS[self.event[0]] != T.NOTE:
-                notes, _, changes = T.detokenize_notes(self.head + self.event, pedals=True)
+                notes, changes = T.detokenize_notes(self.head + self.event, pedals=True)[::2]
                 self.event = []
                 return ([(s + self.base, e + self.base, *n) for s, e, *n in notes],
                         [(t + self.base, on) for t, on in changes])
