@@ -435,7 +435,7 @@ class Duet:
                     prefill_s=round(clock.now() - t0, 3))
         floor = round(clock.ms() + self.lead_ms - base)  # her first onset, on the tokens' timeline
         ids = ids + [T.SEG_ID] * max(0, floor // SEG - ids[len(perf.head):].count(T.SEG_ID))
-        t_end = t_take + a.seconds * 1000
+        t_end = base + floor + a.seconds * 1000  # --seconds of her music
         info = S.prompt_info(ids, self.model.config.vocab_size)  # generate's `seconds` from its last onset
         t_last = base + info[3] * SEG + (info[2] - T.ONSET_START) * T.TIME_STEP_MS
         sampling = S.sampling_from_args(a, seed=a.seed + self.turns, eos=a.may_end, dim=a.may_end,
@@ -612,7 +612,8 @@ def main(argv=None, clock=None):
         error = f"{type(e).__name__}: {e}"
     finally:
         stuck = player.close()
-        human.close()
+        for port in (human, out):  # (closing an output lets its last messages out: JACK's cycle)
+            getattr(port, "close", lambda: None)()
         duet.save()
     turns = duet.per_turn
     played = [t for t in turns if t["first_note_s"] is not None]

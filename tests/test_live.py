@@ -13,10 +13,10 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
-
-import threading
+from types import SimpleNamespace
 
 import mido
 import pytest
@@ -45,23 +45,33 @@ def phrase(start_ms, seconds, step=250):
             for i in range(int(seconds * 1000 / step))]
 
 
+def small(seed=0, **config):
+    torch.manual_seed(seed)
+    return M.Aria(M.ModelConfig(d_model=64, n_heads=4, n_layers=2, **{"max_seq_len": 2048, **config})).eval()
+
+
 @pytest.fixture(scope="module")
 def files(tmp_path_factory):
     d = tmp_path_factory.mktemp("live")
-    torch.manual_seed(0)
-    M.save_checkpoint(d / "run" / "ckpt.pt", M.Aria(M.ModelConfig(d_model=64, n_heads=4, n_layers=2, max_seq_len=2048)).eval())
+    M.save_checkpoint(d / "run" / "ckpt.pt", small())
     write_midi(d / "solo.mid", phrase(0, 2.0), [(0, 1), (1500, 0)])
-    # plays 0-1.5 s, rests, plays again at 4 s: with --pause 0.5 Aria takes over at ~2 s and is interrupted at 4 s
+    # plays 0-1.5 s, rests, plays again at 4 s: with --pause 0.5 Aria takes over at ~2 s, is stopped at 4 s
     write_midi(d / "gap.mid", phrase(0, 1.5) + phrase(4000, 1.0))
+    write_midi(d / "six.mid", phrase(0, 6.0))
     return d
 
 
-def duet(files, *args, **kw):
-    r = subprocess.run([sys.executable, str(ROOT / "live.py"), "--ckpt", str(files / "run"), "--device", "cpu",
-                        "--out", "-", "--threads", "1", *map(str, args)], capture_output=True, text=True, env=ENV,
-                       cwd=ROOT, timeout=kw.get("timeout", 120))
+def live_args(files, *args, ckpt="run"):
+    return ["--ckpt", str(files / ckpt), "--device", "cpu", "--threads", "1", *map(str, args)]
+
+
+def duet(files, *args):
+    """live.py as a command, JSON lines out; -> the CompletedProcess with .msgs and .summary."""
+    r = subprocess.run([sys.executable, str(ROOT / "live.py"), *live_args(files, "--out", "-", *args)],
+                       capture_output=True, text=True, env=ENV, cwd=ROOT, timeout=120)
     lines = [json.loads(x) for x in r.stdout.splitlines() if x.startswith("{")]
-    return r, [x for x in lines if "summary" not in x], (lines[-1] if lines and "summary" in lines[-1] else None)
+    r.msgs, r.summary = [x for x in lines if "summary" not in x], lines[-1] if lines else None
+    return r
 
 
 def note_ons(msgs, who):
@@ -77,8 +87,9 @@ def left_on(msgs):
 
 
 def test_file_duet_takes_over_fast_and_plays_on_time(files):
-    r, msgs, summary = duet(files, "--in", files / "solo.mid", "--takeover", 2.0, "--seconds", 3)
+    r = duet(files, "--in", files / "solo.mid", "--takeover", 2.0, "--seconds", 3)
     assert r.returncode == 0, r.stderr
+    msgs, summary = r.msgs, r.summary
     human, aria = note_ons(msgs, "pianist"), note_ons(msgs, "aria")
     assert len(human) == 8 and all(m["sent"] < 2.05 for m in human)  # the file stops at --takeover
     # decoded and scheduled within 0.5 s; played when its onset says (an untrained model rests at random)
@@ -93,11 +104,11 @@ def test_file_duet_takes_over_fast_and_plays_on_time(files):
 
 def test_pianist_takes_back_the_lead(files, capsys):
     # in this process, in real time: JSON lines as the CLI writes them
-    assert L.main(["--ckpt", str(files / "run"), "--device", "cpu", "--out", "-", "--threads", "1", "--in",
-                   str(files / "gap.mid"), "--pause", "0.5", "--turns", "2", "--seconds", "3"]) == 0
+    assert L.main(live_args(files, "--out", "-", "--in", files / "gap.mid", "--pause", 0.5, "--turns", 2,
+                            "--seconds", 3)) == 0
     lines = [json.loads(x) for x in capsys.readouterr().out.splitlines()]
     msgs, summary = lines[:-1], lines[-1]
-    back = next(m["sent"] for m in note_ons(msgs, "pianist") if m["sent"] > 3.5)  # the file plays again at 4 s
+    back = next(m["sent"] for m in note_ons(msgs, "pianist") if m["sent"] > 3.5)  # the file again at 4 s
     aria = note_ons(msgs, "aria")
     first_turn = [m for m in aria if m["sent"] < back]
     assert first_turn and first_turn[0]["sent"] > 1.5 + 0.5  # after the pause
@@ -145,14 +156,14 @@ def run_live(monkeypatch, files, recorder, *args, slow=0.0, fail_at=None, exc=Ru
                 if fail_at is not None and calls[0] == fail_at:
                     raise exc("boom")
             out = forward(ids, *fa, **fk)
-            if slow:  # dense music: the earliest onset the grammar allows (chords), so the slow model falls behind
+            if slow:  # dense music: the earliest onsets allowed (chords), so the slow model falls behind
                 out[..., T.ONSET_START:T.ONSET_START + 500] -= torch.arange(500.0)
             return out
         model.forward = step
         return model, path
     monkeypatch.setattr(S, "load_lm", load)
-    monkeypatch.setattr(P, "open_port", lambda name, kind, *args, **kw: recorder)
-    return L.main(["--ckpt", str(files / "run"), "--device", "cpu", "--threads", "1", "--out", "port", *map(str, args)])
+    monkeypatch.setattr(P, "open_port", lambda name, kind, *a, **kw: recorder)
+    return L.main(live_args(files, "--out", "port", *args))
 
 
 def test_late_notes_are_counted_and_played_when_the_model_is_slow(monkeypatch, files, capsys):
@@ -163,6 +174,10 @@ def test_late_notes_are_counted_and_played_when_the_model_is_slow(monkeypatch, f
     notes, late = (int(x) for x in re.search(r"^(\d+) notes in \d+ turns, (\d+) late", out, re.M).groups())
     assert notes > 3 and late > 0, out  # counted, and every decoded note was still played
     assert "0 stuck" in out and rec.left_on() == []
+
+
+def note_ons_in(track):
+    return [m for m in track if m.type == "note_on" and m.velocity]
 
 
 @pytest.mark.parametrize("exc,code", [(KeyboardInterrupt, 0), (RuntimeError, 1)], ids=["ctrl-c", "error"])
@@ -180,7 +195,7 @@ def test_all_notes_off_on_the_way_out_and_the_duet_saved(monkeypatch, files, cap
     mid = mido.MidiFile(saved)
     assert [t.name for t in mid.tracks] == ["pianist", "aria"] and T.tokenize(saved)
     sent = [m for _, m in rec.msgs if m.type == "note_on" and m.velocity and m.channel == 1]  # hers
-    assert [len(note_ons_in(t)) for t in mid.tracks] == [4, len(sent)]  # the file's 4 notes up to its takeover
+    assert [len(note_ons_in(t)) for t in mid.tracks] == [4, len(sent)]  # the file's 4 notes to its takeover
     assert L.free_path(saved, False) == tmp_path / "duet-2.mid" and L.free_path(saved, True) == saved
 
 
@@ -191,9 +206,10 @@ def test_a_vanished_port_is_one_line(monkeypatch, files):
 
 
 def test_port_errors_are_one_line(files, monkeypatch, capfd):
-    r = subprocess.run([sys.executable, str(ROOT / "live.py"), "--in", "Nope"], capture_output=True, text=True,
-                       env=ENV, cwd=ROOT, timeout=60)
-    assert r.returncode == 1 and r.stderr.count("\n") == 1 and r.stderr.startswith("live.py: error:"), r.stderr
+    r = subprocess.run([sys.executable, str(ROOT / "live.py"), "--in", "Nope"], capture_output=True,
+                       text=True, env=ENV, cwd=ROOT, timeout=60)
+    assert r.returncode == 1 and r.stderr.count("\n") == 1, r.stderr
+    assert r.stderr.startswith("live.py: error:")
     assert "python-rtmidi" in r.stderr or "no MIDI input named 'Nope'" in r.stderr
     if "ALSA" in r.stderr:  # no ALSA sequencer here (a container): what to try
         assert "--backend mido.backends.rtmidi/UNIX_JACK" in r.stderr and "jackd -d dummy" in r.stderr
@@ -207,23 +223,25 @@ def test_port_errors_are_one_line(files, monkeypatch, capfd):
     monkeypatch.setattr(mido, "get_output_names", lambda: ["Synth A", "Synth B"])
     with pytest.raises(P.LiveError, match="no MIDI output named 'X'; outputs: 'Synth A', 'Synth B'"):
         P.open_port("X", "output")
-    r = subprocess.run([sys.executable, str(ROOT / "live.py"), "--in", files / "missing.mid"], capture_output=True,
-                       text=True, env=ENV, cwd=ROOT, timeout=60)
+    r = subprocess.run([sys.executable, str(ROOT / "live.py"), "--in", files / "missing.mid"],
+                       capture_output=True, text=True, env=ENV, cwd=ROOT, timeout=60)
     assert r.returncode == 1 and r.stderr.count("\n") == 1 and "missing.mid" in r.stderr
 
 
 def test_the_window_must_hold_a_performance(files):
-    # the model reads 600 tokens; a 20-s turn may add ~900: one line naming the options, before anything plays
+    # the model reads 600 tokens, a 20-s turn may add ~900: one line naming the options, before anything plays
     with pytest.raises(S.Fail, match=r"under 500; raise --context or lower --seconds or --length"):
-        L.main(["--ckpt", str(files / "run"), "--device", "cpu", "--in", str(files / "solo.mid"), "--context", "600"])
+        L.main(live_args(files, "--in", files / "solo.mid", "--context", 600))
 
 
-def test_performance_tokens_are_the_tokenizers(files):
+def test_performance_tokens_are_the_tokenizers():
     # notes and pedal changes fed one by one, tokens taken at random moments (held notes end then), the
     # final ones kept: at the end the same ids as tokenizing the whole performance at once
     for seed in range(12):
-        rng, pedal_mode = random.Random(seed), seed % 2 == 1
-        perf, t, held, ped, notes, pedals = L.Performance(pedal_mode), 1000, {60: 0}, 0, [], []
+        rng, perf = random.Random(seed), L.Performance(pedal_mode=seed % 2 == 1)
+        t, ped = 1000, 0
+        held, notes = {60: 0}, []
+        pedals = []
         perf.key_down(1000, 60, 64)  # the first note: time 0 of the tokens
         for _ in range(200):
             t += rng.randint(1, 120)
@@ -245,85 +263,85 @@ def test_performance_tokens_are_the_tokenizers(files):
             notes.append((held[p], t + 50 - 1000, p))
         perf.pedal(t + 60, 0)
         ids, final = perf.tokens(t + 70)
-        midi = T.notes_to_midi([(s, e, p, 64, 0) for s, e, p in notes], {0: 0}, pedals + [(t + 60 - 1000, 0)] * ped)
-        assert ids == T.tokenize(midi, dim=False, eos=False, keep_silence=True, pedal=pedal_mode)
+        pedals += [(t + 60 - 1000, 0)] * ped
+        midi = T.notes_to_midi([(s, e, p, 64, 0) for s, e, p in notes], {0: 0}, pedals)
+        assert ids == T.tokenize(midi, dim=False, eos=False, keep_silence=True, pedal=seed % 2 == 1)
         assert final == len(ids)
 
 
 def sim(monkeypatch, capsys, files, *args, clock=None, ckpt="run"):
-    """live.main on a simulated clock with JSON lines out; -> (messages, summary, the Duet, the prompt of
-    each turn)."""
-    made, prompts, real = [], [], S.generate
+    """live.main on a simulated clock, JSON lines out; -> .msgs, .summary, .duet (the Duet) and .prompts
+    (each turn's)."""
+    run = SimpleNamespace(prompts=[], duet=None)
+    real = S.generate
 
     class Kept(L.Duet):
         def __init__(self, *a, **kw):
             super().__init__(*a, **kw)
-            made.append(self)
+            run.duet = self
 
     def generate(model, ids, *a, **kw):
         if kw.get("on_step"):
-            prompts.append(list(ids))
+            run.prompts.append(list(ids))
         return real(model, ids, *a, **kw)
     monkeypatch.setattr(L, "Duet", Kept)
     monkeypatch.setattr(S, "generate", generate)
-    assert L.main(["--ckpt", str(files / ckpt), "--device", "cpu", "--threads", "1", "--out", "-", *map(str, args)],
-                  clock=clock or P.SimClock()) == 0
+    assert L.main(live_args(files, "--out", "-", *args, ckpt=ckpt), clock=clock or P.SimClock()) == 0
     lines = [json.loads(x) for x in capsys.readouterr().out.splitlines()]
-    return lines[:-1], lines[-1], made[0], prompts
+    run.msgs, run.summary = lines[:-1], lines[-1]
+    return run
 
 
 def test_a_long_performance_moves_the_window_rarely(monkeypatch, capsys, files, tmp_path):
     # 90 s of dense music (30 tokens/s, the pedal down every other second), Aria answering each 30 s: the
     # performance grows to ~3.5x the window (context 1024: 836 tokens); its start moves only at cuts, and
     # the cache is rebuilt only then
-    write_midi(tmp_path / "long.mid", phrase(0, 90.0, 100), [(t, t // 1000 % 2 == 0) for t in range(0, 90000, 1000)])
-    msgs, summary, duet, prompts = sim(monkeypatch, capsys, files, "--in", tmp_path / "long.mid", "--takeover", 30,
-                                       "--turns", 3, "--seconds", 4, "--context", 1024)
-    assert summary["turns"] == 3 and summary["late"] == 0 and summary["stuck"] == 0 and left_on(msgs) == []
+    pedal = [(t, t // 1000 % 2 == 0) for t in range(0, 90000, 1000)]
+    write_midi(tmp_path / "long.mid", phrase(0, 90.0, 100), pedal)
+    run = sim(monkeypatch, capsys, files, "--in", tmp_path / "long.mid", "--takeover", 30, "--turns", 3,
+              "--seconds", 4, "--context", 1024)
+    summary, duet = run.summary, run.duet
+    assert summary["turns"] == 3 and summary["late"] == summary["stuck"] == 0 and left_on(run.msgs) == []
     assert 780 <= duet.window() <= 836 and 3 <= duet.cuts <= 12 and duet.rebuilds == duet.cuts
-    turns, played = summary["per_turn"], note_ons(msgs, "pianist")
-    for k, (turn, prompt) in enumerate(zip(turns, prompts)):
+    played = note_ons(run.msgs, "pianist")
+    for turn, prompt in zip(summary["per_turn"], run.prompts):
         assert turn["first_note_s"] <= 0.5 and turn["context_s"] >= 10 and turn["context_tokens"] <= 836
         assert turn["prefill_behind"] <= 32  # the takeover prefilled only the last notes
         heard = [m["note"] for m in played if m["sent"] < turn["takeover_s"]]
         assert [n[2] for n in T.detokenize_notes(prompt)[0][-8:]] == heard[-8:]  # up to the takeover
-    assert sum(t["cache_rebuilds"] for t in turns) == sum(t["cuts"] for t in turns) == duet.cuts
+    assert sum(t["cache_rebuilds"] for t in summary["per_turn"]) == duet.cuts
 
 
-def test_lateness_heals_at_the_next_turn(monkeypatch, capsys, files, tmp_path):
+def test_lateness_heals_at_the_next_turn(monkeypatch, capsys, files):
     # turn 1 decodes at 60 ms a step (dense chords: late notes, the timeline moves); turn 2 is fast again and
     # starts on time; the context keeps turn 1's notes where they sounded
     clock, real = P.SimClock(), M.Aria.forward
-    write_midi(tmp_path / "six.mid", phrase(0, 6.0))
+    duets = []
 
     def forward(self, ids, *a, **kw):
         out = real(self, ids, *a, **kw)
-        if ids.shape[1] == 1 and kw.get("input_pos") is not None and duet_ref and duet_ref[0].aria \
-                and duet_ref[0].turns == 0:
+        if ids.shape[1] == 1 and kw.get("input_pos") is not None and duets[0].aria and duets[0].turns == 0:
             clock.sleep(0.06)
             out[..., T.ONSET_START:T.ONSET_START + 500] -= torch.arange(500.0)
         return out
-    duet_ref = []
     monkeypatch.setattr(M.Aria, "forward", forward)
-    monkeypatch.setattr(L.Duet, "warm", lambda self, real_warm=L.Duet.warm: (duet_ref.append(self), real_warm(self)))
-    msgs, summary, duet, prompts = sim(monkeypatch, capsys, files, "--in", tmp_path / "six.mid", "--takeover", 2,
-                                       "--turns", 2, "--seconds", 2, clock=clock)
-    first, second = summary["per_turn"]
+    monkeypatch.setattr(L.Duet, "warm", lambda self, warm=L.Duet.warm: [duets.append(self), warm(self)])
+    run = sim(monkeypatch, capsys, files, "--in", files / "six.mid", "--takeover", 2, "--turns", 2,
+              "--seconds", 2, clock=clock)
+    first, second = run.summary["per_turn"]
     assert first["late"] > 0 and first["shift_s"] > 0.1 and second["late"] == 0 and second["shift_s"] == 0
-    aria = note_ons(msgs, "aria")
-    back = min(m["sent"] for m in note_ons(msgs, "pianist") if m["sent"] > 2.5)  # the file's second part
+    aria = note_ons(run.msgs, "aria")
+    back = min(m["sent"] for m in note_ons(run.msgs, "pianist") if m["sent"] > 2.5)  # the file's second part
     assert all(abs(m["sent"] - m["due"]) < 0.005 for m in aria if m["sent"] > back)  # on its own time again
-    heard = {(round(n[0] / 10), n[2]) for n in T.detokenize_notes(prompts[1])[0]}  # (10 ms, pitch)
-    late = [round(m["due"] * 100) for m in aria if m["sent"] < back]  # (sim: sent when the clock gets there)
-    assert all({(t - 1, m["note"]), (t, m["note"]), (t + 1, m["note"])} & heard for t, m in zip(late, aria))
+    heard = {(round(n[0] / 10), n[2]) for n in T.detokenize_notes(run.prompts[1])[0]}  # (10 ms, pitch)
+    for m in [m for m in aria if m["sent"] < back]:  # (sim: sent when the clock gets there; due is when)
+        assert {(round(m["due"] * 100) + d, m["note"]) for d in (-1, 0, 1)} & heard
 
 
 def test_her_pedal_is_lifted_after_every_turn(monkeypatch, capsys, files, tmp_path):
     # a pedal-vocabulary model made to press the pedal and never lift it: each turn ends by --seconds, and
     # her pedal is up before the file plays on, in the context too
-    torch.manual_seed(1)
-    M.save_checkpoint(tmp_path / "ped" / "ckpt.pt", M.Aria(M.ModelConfig(
-        d_model=64, n_heads=4, n_layers=2, max_seq_len=2048, vocab_size=T.PEDAL_VOCAB_SIZE)).eval())
+    M.save_checkpoint(tmp_path / "ped" / "ckpt.pt", small(1, vocab_size=T.PEDAL_VOCAB_SIZE))
     real = M.Aria.forward
 
     def forward(self, ids, *a, **kw):
@@ -332,17 +350,16 @@ def test_her_pedal_is_lifted_after_every_turn(monkeypatch, capsys, files, tmp_pa
         out[..., T.PED_OFF_ID] -= 30.0
         return out
     monkeypatch.setattr(M.Aria, "forward", forward)
-    write_midi(tmp_path / "six.mid", phrase(0, 6.0))
-    msgs, summary, duet, prompts = sim(monkeypatch, capsys, tmp_path, "--in", tmp_path / "six.mid", "--takeover", 2,
-                                       "--turns", 2, "--seconds", 2, ckpt="ped")
-    assert summary["turns"] == 2 and summary["stuck"] == 0
-    pedal = [(m["sent"], m["value"]) for m in msgs if m["who"] == "aria" and m["type"] == "control_change"
+    run = sim(monkeypatch, capsys, tmp_path, "--in", files / "six.mid", "--takeover", 2, "--turns", 2,
+              "--seconds", 2, ckpt="ped")
+    assert run.summary["turns"] == 2 and run.summary["stuck"] == 0
+    pedal = [(m["sent"], m["value"]) for m in run.msgs if m["who"] == "aria" and m["type"] == "control_change"
              and m["control"] == 64]
-    back = min(m["sent"] for m in note_ons(msgs, "pianist") if m["sent"] > 2.5)
+    back = min(m["sent"] for m in note_ons(run.msgs, "pianist") if m["sent"] > 2.5)
     for lo, hi in ((2.0, back), (back, float("inf"))):
         turn = [v for t, v in pedal if lo <= t < hi]
         assert 127 in turn and turn[-1] == 0, pedal  # pressed, and lifted before the pianist plays on
-    assert prompts[1].index(T.PED_OFF_ID) > prompts[1].index(T.PED_ON_ID)  # the context has her lift
+    assert run.prompts[1].index(T.PED_OFF_ID) > run.prompts[1].index(T.PED_ON_ID)  # her lift, in the context
 
 
 def test_her_release_never_cuts_a_key_the_pianist_holds():
@@ -350,6 +367,7 @@ def test_her_release_never_cuts_a_key_the_pianist_holds():
     pl = P.Player(rec, clock)
     wait = lambda s: [clock.sleep(0.002) for _ in range(round(s / 0.002))]  # noqa: E731
     offs = lambda: [m.note for _, m in rec.msgs if m.type == "note_off"]  # noqa: E731
+    pedal = lambda: [(m.channel, m.value) for _, m in rec.msgs if m.type == "control_change"]  # noqa: E731
     pl.human(mido.Message("note_on", channel=0, note=60, velocity=70))  # the pianist holds C4 (local control)
     pl.note(0, 100, 60, 80, channel=1)  # Aria plays C4 and E4 on her own channel for 100 ms
     pl.note(0, 100, 64, 80, channel=1)
@@ -361,19 +379,17 @@ def test_her_release_never_cuts_a_key_the_pianist_holds():
     pl.human(mido.Message("control_change", channel=0, control=64, value=127))  # their pedal down
     pl.human(mido.Message("note_on", channel=0, note=67, velocity=70))  # they take back the lead on G4
     pl.stop()
-    assert offs() == [64] and not pl.busy()  # nothing of theirs cut, her pedal-up held back too
-    pedal = lambda: [(m.channel, m.value) for _, m in rec.msgs if m.type == "control_change"]  # noqa: E731
-    assert pedal() == [(1, 127)]
+    assert offs() == [64] and not pl.busy() and pedal() == [(1, 127)]  # nothing of theirs cut, no pedal-up
     pl.human(mido.Message("note_off", channel=0, note=60))
     pl.human(mido.Message("note_off", channel=0, note=67))
     pl.human(mido.Message("control_change", channel=0, control=64, value=0))
-    assert sorted(offs()) == [60, 64, 67] and pedal() == [(1, 127), (1, 0)]
+    assert sorted(offs()) == [60, 64, 67] and pedal() == [(1, 127), (1, 0)]  # hers follow their release
     assert pl.close() == 0 and rec.left_on() == []
 
 
 class FakeInput:
     """A MIDI input port whose messages reach the callback from their own thread at set times (s after
-    open), as a backend's do."""
+    opening), as a backend's do."""
 
     def __init__(self, callback, script):
         self.t0 = time.perf_counter()
@@ -388,12 +404,13 @@ class FakeInput:
         pass
 
 
-def test_times_are_stamped_as_messages_arrive(monkeypatch, files, tmp_path, capsys):
+def test_times_are_stamped_as_messages_arrive(monkeypatch, files, tmp_path):
     # eight notes 150 ms apart while every prefill takes 0.3 s: each note keeps its own time in the context
     # and in the saved file (stamped in the input's thread, not when the loop gets to it)
     script = [(3.0 + 0.15 * i + d, mido.Message("note_on", note=60 + i, velocity=64 * (d == 0)))
-              for i in range(8) for d in (0, 0.1)] + [(4.5, mido.Message("control_change", control=67, value=127))]
-    rec, prompts, real = Recorder(), [], M.Aria.forward
+              for i in range(8) for d in (0, 0.1)]
+    script.append((4.5, mido.Message("control_change", control=67, value=127)))
+    prompts, real = [], M.Aria.forward
 
     def forward(self, ids, *a, **kw):
         if ids.shape[1] > 1:
@@ -407,9 +424,9 @@ def test_times_are_stamped_as_messages_arrive(monkeypatch, files, tmp_path, caps
     monkeypatch.setattr(M.Aria, "forward", forward)
     monkeypatch.setattr(S, "generate", generate)
     monkeypatch.setattr(P, "open_port", lambda name, kind, backend=None, callback=None:
-                        FakeInput(callback, script) if kind == "input" else rec)
-    assert L.main(["--ckpt", str(files / "run"), "--device", "cpu", "--threads", "1", "--in", "keys", "--out", "synth",
-                   "--turns", "1", "--seconds", "1", "--save", str(tmp_path / "d.mid")]) == 0
+                        FakeInput(callback, script) if kind == "input" else Recorder())
+    assert L.main(live_args(files, "--in", "keys", "--out", "synth", "--turns", 1, "--seconds", 1,
+                            "--save", tmp_path / "d.mid")) == 0
     onsets = [n[0] for n in T.detokenize_notes(prompts[0])[0]]
     assert len(onsets) == 8 and all(abs(b - a - 150) <= 20 for a, b in zip(onsets, onsets[1:])), onsets
     starts = [n[0] for n in T.load_midi(tmp_path / "d.mid").notes if n[4] == 0][:8]
@@ -423,8 +440,8 @@ def jack(monkeypatch):
     if not shutil.which("jackd") or rtmidi.API_UNIX_JACK not in rtmidi.get_compiled_api():
         pytest.skip("needs jackd (Debian: jackd2) and python-rtmidi built with JACK")
     name = f"aria-test-{os.getpid()}"
-    server = subprocess.Popen(["jackd", "-n", name, "--no-realtime", "-d", "dummy", "-r", "48000", "-p", "256"],
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    server = subprocess.Popen(["jackd", "-n", name, "--no-realtime", "-d", "dummy", "-r", "48000",
+                               "-p", "256"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     monkeypatch.setenv("JACK_DEFAULT_SERVER", name)
     backend = mido.Backend("mido.backends.rtmidi/UNIX_JACK")
     for _ in range(50):  # until the server answers
@@ -433,28 +450,28 @@ def jack(monkeypatch):
             break
         except OSError:
             time.sleep(0.1)
-    yield backend, name
+    yield backend
     server.terminate()
     server.wait(timeout=10)
 
 
 def test_a_duet_through_real_ports(jack, files, tmp_path):
     # another process plays into --in, hands over with the soft pedal, records Aria from --out, then Ctrl-C
-    backend, server = jack
     got = []
-    keys = backend.open_output("keys", virtual=True, client_name="pianist")
-    synth = backend.open_input("synth", virtual=True, client_name="piano",
-                               callback=lambda m: got.append((time.perf_counter(), m)))
-    inp = next(n for n in backend.get_input_names() if n.endswith(":keys"))
-    out = next(n for n in backend.get_output_names() if n.endswith(":synth"))
-    p = subprocess.Popen([sys.executable, str(ROOT / "live.py"), "--ckpt", str(files / "run"), "--device", "cpu",
-                          "--threads", "1", "--backend", "mido.backends.rtmidi/UNIX_JACK", "--in", inp, "--out", out,
-                          "--seconds", "3", "--save", str(tmp_path / "duet.mid")], stdout=subprocess.PIPE,
-                         stderr=subprocess.PIPE, text=True, env={**ENV, "JACK_DEFAULT_SERVER": server}, cwd=ROOT)
+    keys = jack.open_output("keys", virtual=True, client_name="pianist")
+    synth = jack.open_input("synth", virtual=True, client_name="piano",
+                            callback=lambda m: got.append((time.perf_counter(), m)))
+    inp = next(n for n in jack.get_input_names() if n.endswith(":keys"))
+    out = next(n for n in jack.get_output_names() if n.endswith(":synth"))
+    p = subprocess.Popen([sys.executable, str(ROOT / "live.py"), *live_args(
+        files, "--backend", "mido.backends.rtmidi/UNIX_JACK", "--in", inp, "--out", out, "--seconds", 3,
+        "--save", tmp_path / "duet.mid")], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env={
+        **ENV, "JACK_DEFAULT_SERVER": os.environ["JACK_DEFAULT_SERVER"]}, cwd=ROOT)
     assert any(line.startswith("listening") for line in iter(p.stdout.readline, ""))
     t0, script = time.perf_counter(), []
     for s, e, pitch, vel in phrase(0, 2.0):
-        script += [(s, mido.Message("note_on", note=pitch, velocity=vel)), (e, mido.Message("note_off", note=pitch))]
+        script += [(s, mido.Message("note_on", note=pitch, velocity=vel)),
+                   (e, mido.Message("note_off", note=pitch))]
     script += [(2300, mido.Message("control_change", control=67, value=127)),
                (2500, mido.Message("control_change", control=67, value=0))]
     for t, msg in sorted(script, key=lambda x: x[0]):
@@ -465,7 +482,7 @@ def test_a_duet_through_real_ports(jack, files, tmp_path):
     text, err = p.communicate(timeout=60)
     keys.close()
     synth.close()
-    assert p.returncode == 0 and re.search(r"^(\d+) notes in 1 turns, 0 late, 0 stuck", text, re.M), text + err
+    assert p.returncode == 0 and re.search(r"^\d+ notes in 1 turns, 0 late, 0 stuck", text, re.M), text + err
     aria = [(t - t0, m) for t, m in got if m.type == "note_on" and m.velocity]
     assert aria and 2.3 < aria[0][0] < 2.3 + 0.5  # her first note, half a second after the soft pedal at most
     assert left_on([{**m.dict(), "velocity": getattr(m, "velocity", 0)} for _, m in got]) == []
@@ -475,16 +492,11 @@ def test_a_duet_through_real_ports(jack, files, tmp_path):
     assert all(abs(b - a - 250) <= 15 for a, b in zip(starts, starts[1:])), starts
 
 
-def note_ons_in(track):
-    return [m for m in track if m.type == "note_on" and m.velocity]
-
-
 # -- sample.py --stream / --port / --seconds, generate's live parameters --------------------------------
 
 
 def tiny(seed=0):
-    torch.manual_seed(seed)
-    return M.Aria(M.ModelConfig(d_model=64, n_heads=4, n_layers=2, max_seq_len=1024)).eval()
+    return small(seed, max_seq_len=1024)
 
 
 @torch.no_grad()
@@ -517,42 +529,55 @@ def test_onset_floor_and_seconds():
         new = S.split_notes(row, len(prompt))[1]
         # 2 s is less than ~100 tokens of music (30 tokens/s): the ending cue comes at once
         assert row[len(prompt)] == T.DIM_ID and row[-1] == T.EOS_ID
-        assert sum(n[0] >= t_last + 2000 for n in new) == 1 and new[-1][0] >= t_last + 2000  # ends right after
+        assert sum(n[0] >= t_last + 2000 for n in new) == 1 and new[-1][0] >= t_last + 2000  # ends just after
         row = S.generate(m, prompt, 1, 300, seed=seed, seconds=60.0, end=True)[0]
         assert T.DIM_ID not in row[len(prompt):len(prompt) + 50]  # a minute away: no cue yet
+
+
+@torch.no_grad()
+def test_first_note_cap_bounds_her_leading_rest():
+    # live.py's max_onset_ms: her first note at most 300 ms after the floor, however the model likes to rest
+    m, prompt = tiny(3), T.tokenize(_mid(), dim=False, eos=False)
+    info = S.prompt_info(prompt)
+    floor = (info[2] - T.ONSET_START) * T.TIME_STEP_MS + 100  # ms into the prompt's last segment
+    for seed in range(4):
+        row = S.generate(m, prompt, 1, 12, seed=seed, temp=2.0, min_p=0.0, min_onset_ms=floor,
+                         max_onset_ms=floor + 300, eos=False, dim=False)[0]
+        first = S.split_notes(row, len(prompt))[1][0][0] - info[3] * T.SEGMENT_MS
+        assert floor <= first <= floor + 300
 
 
 def test_sample_stream_prints_each_note_and_port_plays_them(files, tmp_path, monkeypatch, capsys):
     write_midi(tmp_path / "p.mid", phrase(0, 3.0))
     rec = Recorder()
     monkeypatch.setattr(P, "open_port", lambda name, kind: rec)
-    assert S.main([str(tmp_path / "p.mid"), "--ckpt", str(files / "run"), "--out", str(tmp_path / "o"), "--stream",
-                   "--port", "Synth", "--seconds", "2", "--variations", "2", "--device", "cpu"]) == 0
+    assert S.main([str(tmp_path / "p.mid"), "--ckpt", str(files / "run"), "--out", str(tmp_path / "o"),
+                   "--stream", "--port", "Synth", "--seconds", "2", "--variations", "2", "--device", "cpu"]) \
+        == 0
     out, err = capsys.readouterr()
     streamed = [json.loads(x) for x in out.splitlines()]  # stdout: JSON lines only; the log is on stderr
     for row in (1, 2):
         side = json.loads((tmp_path / "o" / f"p_{row}.json").read_text())
         new = S.split_notes(side["ids"], side["n_prompt_tokens"])[1]
-        assert [(n["start_ms"], n["end_ms"], n["pitch"], n["velocity"]) for n in streamed if n.get("row") == row
-                and "pitch" in n] == [n[:4] for n in new]  # every note, as the file has it, in order
+        assert [(n["start_ms"], n["end_ms"], n["pitch"], n["velocity"]) for n in streamed
+                if n.get("row") == row and "pitch" in n] == [n[:4] for n in new]  # every note, in order
     played = [m for _, m in rec.msgs if m.type == "note_on" and m.velocity]
-    assert len(played) == len([n for n in streamed if n.get("row") == 1 and "pitch" in n]) and rec.left_on() == []
-    assert "0 stuck" in err and "generated" in err
-
+    assert len(played) == len([n for n in streamed if n.get("row") == 1 and "pitch" in n])
+    assert rec.left_on() == [] and "0 stuck" in err and "generated" in err
 
 
 def test_stream_readers_that_leave_early_end_both_quietly(files, tmp_path):
     from test_tokenizer import first_line_then_close
     write_midi(tmp_path / "p.mid", phrase(0, 3.0))
-    line, code, err = first_line_then_close([sys.executable, str(ROOT / "sample.py"), tmp_path / "p.mid", "--ckpt",
-                                             files / "run", "--stream", "--length", 600, "--out", tmp_path / "o",
-                                             "--device", "cpu", "--threads", "1"], env=ENV, cwd=ROOT)
-    assert "pitch" in json.loads(line) and code == 1 and "Traceback" not in err and "Exception" not in err
-    line, code, err = first_line_then_close([sys.executable, str(ROOT / "live.py"), "--ckpt", files / "run", "--in",
-                                             files / "solo.mid", "--takeover", 1.0, "--out", "-", "--device", "cpu",
-                                             "--threads", "1"], env=ENV, cwd=ROOT)
-    assert "due" in json.loads(line) and code == 1 and "Traceback" not in err and "Exception" not in err
-    assert err.strip().splitlines()[-1].startswith("live.py: error: the output stopped taking messages")
+    r = first_line_then_close([sys.executable, str(ROOT / "sample.py"), tmp_path / "p.mid", "--ckpt",
+                               files / "run", "--stream", "--length", 600, "--out", tmp_path / "o",
+                               "--device", "cpu", "--threads", "1"], env=ENV, cwd=ROOT)  # line, code, stderr
+    assert "pitch" in json.loads(r[0]) and r[1] == 1 and "Traceback" not in r[2] and "Exception" not in r[2]
+    r = first_line_then_close([sys.executable, str(ROOT / "live.py"), *live_args(
+        files, "--in", files / "solo.mid", "--takeover", 1.0, "--out", "-")], env=ENV, cwd=ROOT)
+    assert "due" in json.loads(r[0]) and r[1] == 1 and "Traceback" not in r[2] and "Exception" not in r[2]
+    assert r[2].strip().splitlines()[-1].startswith("live.py: error: the output stopped taking messages")
+
 
 @torch.no_grad()
 def test_on_step_sees_each_rows_own_new_token():
@@ -560,5 +585,7 @@ def test_on_step_sees_each_rows_own_new_token():
     m, a = tiny(2), T.tokenize(_mid(), dim=False, eos=False)
     b = a[:len(a) // 2]
     seen = [[], []]
-    rows = S.generate(m, [a, b], 1, 30, seed=1, on_step=lambda i, toks: [s.append(t) for s, t in zip(seen, toks)] and False)
-    assert seen[0] == rows[0][len(a):len(a) + len(seen[0])] and seen[1] == rows[1][len(b):len(b) + len(seen[1])]
+    rows = S.generate(m, [a, b], 1, 30, seed=1,
+                      on_step=lambda i, toks: [s.append(t) for s, t in zip(seen, toks)] and False)
+    assert seen[0] == rows[0][len(a):len(a) + len(seen[0])]
+    assert seen[1] == rows[1][len(b):len(b) + len(seen[1])]
