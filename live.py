@@ -58,7 +58,8 @@ import player as P
 import sample as S
 import tokenizer as T
 
-FIRST_REST_MS = 300      # her first onset at most this after the earliest it can sound
+FIRST_REST_MS = 250      # her first onset at most this after the earliest it can sound
+FIRST_CHORD_MS = 400     # the lead she gets to decode a first chord of 4 notes in, if that takes no longer
 PRIOR_TOKENS_PER_S = 30  # the token rate before the performance shows its own (sample.py's prior)
 MIN_WINDOW = 500         # tokens of the performance the model reads at least
 SLACK = 8                # room for the <T>s that bring her first onset up to the takeover
@@ -323,7 +324,8 @@ class Duet:
         for _ in range(2):  # the second run's times: the first pays for one-off allocations
             self.generate(ids, 6, S.sampling_from_args(self.a, eos=False, dim=False), stats=st)
         self.chunk = int(min(256, max(16, (len(ids) - 1) / st["prefill_s"] * PREFILL_SLICE_S)))
-        self.lead_ms = 4000 * st["step_s"] + 10  # a note takes three steps, and the first a prefill
+        step = 1000 * st["step_s"]  # a note takes three steps: the lead covers one at least, a chord if quick
+        self.lead_ms = max(4 * step, min(12 * step, FIRST_CHORD_MS)) + 10
         self.player.reset([self.a.channel])
 
     def receive(self, msg, ms):
@@ -376,13 +378,15 @@ class Duet:
         upto = len(ids) - 1 if final else min(stable, len(ids) - 1)
         k = min(len(ids), len(self.cached))  # how much of the cache still holds
         k = next((i for i, (x, y) in enumerate(zip(ids, self.cached)) if x != y), k)
-        end = upto if final else min(upto, k + self.chunk)
+        size = max(self.chunk, min(256, (upto - k) // 4))  # far behind: longer chunks, more tokens per second
+        end = upto if final else min(upto, k + size)
         if k < end:
             self.rebuilds += k <= len(perf.head) < len(self.cached)
-            with torch.no_grad():
-                self.model(torch.tensor([ids[k:end]], device=self.device), input_pos=k,
-                           out_pos=torch.zeros(1, dtype=torch.long, device=self.device))
-            if end - k >= 16:  # the chunk that takes about PREFILL_SLICE_S on this machine, now
+            for j in range(k, end, 256):  # (at most 256 at once: the memory a prefill takes stays put)
+                with torch.no_grad():
+                    self.model(torch.tensor([ids[j:min(end, j + 256)]], device=self.device), input_pos=j,
+                               out_pos=torch.zeros(1, dtype=torch.long, device=self.device))
+            if 16 <= end - k <= 256:  # the chunk that takes about PREFILL_SLICE_S on this machine, now
                 rate = (end - k) / max(self.clock.now() - t0, 1e-4)
                 self.chunk = int(min(256, max(16, rate * PREFILL_SLICE_S)))
         self.ids, self.cached = ids, ids[:max(k, end)]
@@ -435,7 +439,7 @@ class Duet:
                     prefill_s=round(clock.now() - t0, 3))
         floor = round(clock.ms() + self.lead_ms - base)  # her first onset, on the tokens' timeline
         ids = ids + [T.SEG_ID] * max(0, floor // SEG - ids[len(perf.head):].count(T.SEG_ID))
-        t_end = base + floor + a.seconds * 1000  # --seconds of her music
+        t_end = base + floor + a.seconds * 1000  # --seconds of her music, as it sounds (lateness included)
         info = S.prompt_info(ids, self.model.config.vocab_size)  # generate's `seconds` from its last onset
         t_last = base + info[3] * SEG + (info[2] - T.ONSET_START) * T.TIME_STEP_MS
         sampling = S.sampling_from_args(a, seed=a.seed + self.turns, eos=a.may_end, dim=a.may_end,
@@ -448,18 +452,19 @@ class Duet:
 
         def on_step(i, toks):
             notes, changes = stream.feed(toks[0])
+            over = lambda ms: base + ms + pl.shift * 1000 >= t_end  # noqa: E731
             for t, on in changes:
                 ms = pl.pedal_change(base + t, on, a.channel)
                 if ms is None:
                     return True
                 perf.pedal(round(ms), on)
             for s, e, p, v, _ in notes:
-                ms = None if base + s >= t_end else pl.note(base + s, base + e, p, v, a.channel)
+                ms = None if over(s) else pl.note(base + s, base + e, p, v, a.channel)
                 if ms is None:
-                    why.append("seconds" if base + s >= t_end else "pianist")
+                    why.append("seconds" if over(s) else "pianist")
                     return True
                 perf.add(round(ms), p, v, round(ms) + e - s, T.DUR_START + (e - s) // T.TIME_STEP_MS)
-            if base + stream.base >= t_end:  # a rest past the end
+            if over(stream.base):  # a rest past the end
                 why.append("seconds")
                 return True
             ahead = lambda: pl.turn["last_start"] - clock.now() > a.lookahead  # noqa: E731
