@@ -419,7 +419,7 @@ class Duet:
             if now >= next_prefill:
                 behind = self.sync(now)
                 next_prefill = now + (0 if behind else a.prefill_every * 1000)
-            self.maybe_save()
+            self.save(SAVE_EVERY_S)
             self.clock.sleep(0.002)
         return None
 
@@ -469,7 +469,7 @@ class Duet:
                 return True
             ahead = lambda: pl.turn["last_start"] - clock.now() > a.lookahead  # noqa: E731
             while ahead() and self.taken_back is None and not pl.error:
-                self.maybe_save()
+                self.save(SAVE_EVERY_S)
                 clock.sleep(0.002)
             return self.taken_back is not None or pl.error is not None
 
@@ -481,7 +481,7 @@ class Duet:
             if self.taken_back is None and not pl.error:  # her sustain lifted as her last note ends
                 perf.pedal(round(pl.end_turn(a.channel)), 0)
                 while pl.busy() and self.taken_back is None and not pl.error:  # her last notes ring
-                    self.maybe_save()
+                    self.save(SAVE_EVERY_S)
                     clock.sleep(0.002)
         finally:  # (a turn cut by Ctrl-C or an error counts too)
             self.aria, end = False, clock.ms() if self.taken_back is None else self.taken_back
@@ -496,12 +496,9 @@ class Duet:
             self.counted, self.turns = (self.rebuilds, self.cuts), self.turns + 1
         return "pianist" if self.taken_back is not None else why[0]
 
-    def maybe_save(self):
-        if self.record and self.clock.ms() - self.saved_at >= SAVE_EVERY_S * 1000:
-            self.save()
-
-    def save(self):
-        if self.record:
+    def save(self, every=0.0):
+        """--save's file, if `every` s have passed since it was last written."""
+        if self.record and self.clock.ms() - self.saved_at >= every * 1000:
             self.record.save()
             self.saved_at = self.clock.ms()
 
