@@ -525,8 +525,9 @@ class Duet:
 
 
 def build_parser():
-    ap = S.Parser(prog="live.py", description="Play a duet with Aria in real time over MIDI.",
-                  formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    ap = S.Parser(prog="live.py", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+                  description="Play a duet with Aria in real time over MIDI. Sampling as the official demo's "
+                  "README runs it (--temp 0.85 --min_p 0.05); --seconds: the music of each of her turns.")
     add = ap.add_argument
     add("--list", action="store_true", help="list the MIDI input and output ports and exit")
     add("--in", dest="inp", default=None, help="the pianist: a MIDI input port, or a .mid file played as one")
