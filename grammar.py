@@ -109,7 +109,8 @@ class Grammar:
     vocabulary. advance() is a table lookup. time_ms() is each row's music time: the onset of
     its last event. min_onset_ms (live.py): no new onset before this time in the last segment."""
 
-    def __init__(self, prompts, device="cpu", eos=True, dim=True, min_onset_ms=0, V=T.VOCAB_SIZE):
+    def __init__(self, prompts, device="cpu", eos=True, dim=True, min_onset_ms=0, max_onset_ms=None,
+                 V=T.VOCAB_SIZE):
         allowed, nxt = _tables(V)
         inf = float("-inf")
         info = [prompt_info(p, V) for p in prompts]  # a PromptInfo per row
@@ -137,6 +138,10 @@ class Grammar:
         floor = T.onset_id(min(min_onset_ms, T.SEGMENT_MS - T.TIME_STEP_MS))
         self.last_onset = torch.tensor([max(i[2], floor) for i in info], device=device)  # (B,) onset id
         self.seg = torch.tensor([i[3] for i in info], device=device)  # (B,) <T>s so far
+        # max_onset_ms (live.py): until a row's first note, no onset later than this after the start of
+        # the prompt's last segment (ms; <T> only while it lies beyond), so a leading rest is bounded
+        self.cap = None if max_onset_ms is None else torch.full((len(info),), max_onset_ms, device=device)
+        self.first = torch.ones(len(info), dtype=torch.bool, device=device)  # (B,) no note yet
 
     def bias(self):
         """(B, V) float: 0 for the tokens each row may take next, -inf for the others."""
@@ -144,12 +149,20 @@ class Grammar:
         b[:, T.ONSET_START:T.VOCAB_SIZE] += self.onset_floor.index_select(0, self.last_onset - T.ONSET_START)
         if b.shape[1] > T.VOCAB_SIZE:
             b[:, T.PED_ON_ID:] += self.pedal_table.index_select(0, self.pedal_down.long())
+        if self.cap is not None:  # row j of the floor table's transpose: onsets <= j
+            last = self.onset_floor.shape[0] - 1
+            j = torch.where(self.first, (self.cap // T.TIME_STEP_MS).clamp(0, last), last)
+            b[:, T.ONSET_START:T.VOCAB_SIZE] += self.onset_floor.t().index_select(0, j)
+            b[:, T.SEG_ID] += torch.where(self.first & (self.cap < T.SEGMENT_MS), float("-inf"), 0.0)
         return b
 
     def advance(self, tok):
         """Move every row past its token tok (B,), in place (a CUDA graph replays on these buffers)."""
         onset = (tok >= T.ONSET_START) & (tok < T.VOCAB_SIZE)
         last = torch.where(tok == T.SEG_ID, T.ONSET_START, torch.where(onset, tok, self.last_onset))
+        if self.cap is not None:
+            self.first.logical_and_(~(onset & (self.state % DIM_USED == NOTE)))
+            self.cap.sub_((tok == T.SEG_ID) * T.SEGMENT_MS)
         self.state.copy_(self.next[self.state, tok])
         self.last_onset.copy_(last)
         self.seg.add_(tok == T.SEG_ID)

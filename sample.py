@@ -68,6 +68,7 @@ class Sampling:
     eos: bool = True              # False: <E> is never sampled (a forced end still comes)
     dim: bool = True              # False: <D> is never sampled (force_end still places it)
     min_onset_ms: int = 0         # no new onset before this in the prompt's last segment (live.py)
+    max_onset_ms: int | None = None  # the first note's onset at most this after its segment's start (live)
 
 
 def pick(logits, temp, top_k=0, top_p=None, min_p=0.0, generator=None):
@@ -115,7 +116,7 @@ class Decoder:
         self.forward = forward
         self.P, self.length = P, length
         self.g = G.Grammar(rows, device, eos=s.eos, dim=s.dim, min_onset_ms=s.min_onset_ms,
-                         V=model.config.vocab_size)  # checks the prompts: `prefix <S> body`
+                           max_onset_ms=s.max_onset_ms, V=model.config.vocab_size)  # checks the prompts
         self.t_prompt = self.g.time_ms()  # (B,) each row's last prompt onset
         self.until = None if s.seconds is None else self.t_prompt + round(s.seconds * 1000)
         self.gen = torch.Generator(device=device).manual_seed(s.seed)
