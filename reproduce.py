@@ -182,8 +182,7 @@ class Runner:
         for line in proc.stdout:  # the stage's own log lines (step, loss, ETA) as they come
             print(f"    {line.rstrip()}", flush=True)
             tail = (tail + [line.rstrip()])[-5:]
-        if proc.wait() != 0:
-            raise Fail(f"{name} failed ({' '.join(cmd[1:3])} ...): {tail[-1] if tail else 'no output'}")
+        need(proc.wait() == 0, f"{name} failed ({' '.join(cmd[1:3])} ...): {tail[-1] if tail else 'no output'}")
         print(f"    {name}: {time.time() - t:.0f} s", flush=True)
 
 
@@ -328,7 +327,7 @@ PAPER_T1 = [("AM Transformer", 38, 0, 6, 9.43e-7), ("Suno 3.5", 18, 9, 21, 7.49e
             ("MusicGen", 49, 1, 0, 3.55e-15), ("Ground Truth", 15, 9, 17, 8.60e-1)]
 GT, REPEAT = "ground_truth", "repeat"
 AUDIO_RATE = 22050   # Hz: Ogg Vorbis at about 0.5 MB per minute keeps a kit small (docs/table1.md)
-TARGET_DBFS = -24.0  # every clip's gated RMS level: loudness-matched, with headroom for a piano's peaks
+TARGET_DBFS = -24.0  # every clip's gated RMS level, or lower where a clip's peaks need it (render_audio)
 COLUMNS = ["listener", "training", "trial", "clip_a", "clip_b", "choice", "seconds"]  # index.html's CSV
 FEATURES = ["pitch", "pitch_class", "ioi", "duration", "velocity", "polyphony", "density"]
 NGRAM = 8            # notes per stretch in the memorisation index
@@ -365,12 +364,14 @@ def pick_prompts(args, p_ms, end_ms):
             full = T.detokenize_notes(T.prompt(score, (first + end_ms) / 1000))[0]
         except (T.TokenizerError, IndexError):
             continue
-        gt = [n for n in full[len(notes):] if n[0] < end_ms]  # (neither side may be near silence)
-        if score.duration_ms(0, score.notes[-1][0]) - first >= end_ms and min(len(notes), len(gt)) >= 10:
-            picked.append(dict(file=str(f), offset_s=first / 1000, notes=notes, programs=programs, gt=gt))
+        gt = [n for n in full[len(notes):] if n[0] < end_ms]  # solo piano, neither side near silence:
+        if (score.duration_ms(0, score.notes[-1][0]) - first >= end_ms and min(len(notes), len(gt)) >= 10
+                and programs == {0: 0}):
+            picked.append(dict(file=str(f), first_ms=first, notes=notes, programs=programs, gt=gt))
         if len(picked) == args.n_prompts:
             return picked
-    raise Fail(f"{folder}: {len(picked)} of {len(files)} MIDI files have {end_ms / 1000:g} s; --n_prompts is {args.n_prompts}")
+    raise Fail(f"{folder}: only {len(picked)} of {len(files)} MIDI files hold {end_ms / 1000:g} s of solo piano "
+               f"(--n_prompts {args.n_prompts})")
 
 
 def build_kit(args, t1):
@@ -388,21 +389,19 @@ def build_kit(args, t1):
                  for s, e, *r in p["notes"] if s >= p_ms - loop]
         clips += [(GT, i, 0, p["notes"] + p["gt"]), (REPEAT, i, 0, p["notes"] + again)]
     device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
-    systems, checkpoints = [], []
-    for spec in args.ckpt:
+    checkpoints, names = [], [Path(c).stem if Path(c).is_file() else Path(c).resolve().name for c in args.ckpt]
+    names = [n if names.count(n) == 1 and n not in (GT, REPEAT) else f"{n}_{k + 1}" for k, n in enumerate(names)]
+    for spec, name in zip(args.ckpt, names):
         try:
             path = M.resolve_checkpoint(spec)
             model = M.load_model(path, device=device, dtype=torch.bfloat16 if device == "cuda" else torch.float32)
         except M.CheckpointError as e:
             raise Fail(str(e)) from None
         need("lm" in model.heads, f"{path}: no LM head ({', '.join(model.heads)}); continuations need one")
-        name = Path(spec).stem if Path(spec).is_file() else Path(spec).resolve().name
-        name = name if name not in systems + [GT, REPEAT] else f"{name}_{len(systems) + 1}"
-        systems.append(name)
         runs = []
         checkpoints.append(dict(system=name, path=str(path), params=model.num_params(), device=device, runs=runs))
         for i, p in enumerate(prompts):
-            ids, t = T.prompt(p["file"], p["offset_s"] + args.prompt_seconds, pedal=model.pedal), time.time()
+            ids, t = T.prompt(p["file"], (p["first_ms"] + p_ms) / 1000, pedal=model.pedal), time.time()
             length = model.config.max_seq_len - len(ids)
             need(length > 0, f"{p['file']}: its {len(ids)}-token prompt fills {path}'s context")
             # every row runs to its first event at end_ms, with no <E> before: an early end gives a system away
@@ -417,8 +416,7 @@ def build_kit(args, t1):
             print(f"table 1: {name}, prompt {i + 1}/{len(prompts)}: {len(rows)} continuations in {runs[-1]['s']} s"
                   + short * (not all(reached)))
 
-    # opaque ids in an order that says nothing of the systems, drawn afresh: no two kits share one, so answers to
-    # another kit are caught; every clip starts with its prompt, as in the paper
+    # opaque ids, drawn afresh (answers to another kit are caught), in an order that says nothing of the systems
     rng, fresh = random.Random(args.seed), random.SystemRandom()
     rng.shuffle(clips)
     ids = [f"{x:06x}" for x in fresh.sample(range(16 ** 6), len(clips))]
@@ -428,25 +426,23 @@ def build_kit(args, t1):
         mid = T.notes_to_midi([(s, min(e, end_ms), *r) for s, e, *r in notes if s < end_ms], prompts[i]["programs"])
         mid.tracks[0][-1].time = max(0, end_ms - sum(m.time for m in mid.tracks[0]))
         M.atomic_write(t1 / "clips" / f"{cid}.mid", lambda f: mid.save(file=f))
-    levels = render_audio(args, t1, ids)
+    audio = render_audio(args, t1, ids)
 
     # the page gets, per prompt, the clip ids of each tested system as an unnamed group (in a seeded order)
-    tested = systems + [GT] + [REPEAT] * args.with_repeat
+    tested = [c["system"] for c in checkpoints] + [GT] + [REPEAT] * args.with_repeat
     order = rng.sample(tested, len(tested))
     groups = [[sorted(c for c, (s, i, _, _) in zip(ids, clips) if (s, i) == (g, k)) for g in order]
               for k in range(len(prompts))]
     pairs = len(tested) * (len(tested) - 1) // 2
     trials = -(-args.trials // pairs) * pairs
     kit_id = f"{fresh.getrandbits(40):010x}"  # the page keeps its answers under this name in the browser
-    page = json.dumps(dict(kit=kit_id, trials=trials, prompts=groups, audio="ogg" if levels else None,
+    page = json.dumps(dict(kit=kit_id, trials=trials, prompts=groups, audio=audio and audio["format"],
                            seconds=[args.prompt_seconds, args.continuation_seconds])).replace("</", "<\\/")
     html = (ROOT / "table1.html").read_text(encoding="utf-8").replace("__KIT__", page)
     M.atomic_write(t1 / "index.html", lambda f: f.write(html.encode()))
     kit = dict(kit=kit_id, settings=vars(args), prompt_ms=p_ms, end_ms=end_ms, trials=trials, checkpoints=checkpoints,
-               audio=levels and dict(format="ogg", sample_rate=AUDIO_RATE, target_dbfs=TARGET_DBFS),
-               prompts=[dict(file=p["file"], offset_s=p["offset_s"], notes=len(p["notes"]), next_notes=len(p["gt"]))
-                        for p in prompts],
-               clips={c: dict(prompt=i + 1, **(levels or {}).get(c, {})) for c, (_, i, _, _) in zip(ids, clips)})
+               prompts=[dict(file=p["file"], offset_s=p["first_ms"] / 1000, notes=len(p["notes"])) for p in prompts],
+               clips={c: i + 1 for c, (_, i, _, _) in zip(ids, clips)}, audio=audio)
     key = dict(systems=tested, clips={c: dict(system=s, prompt=i + 1, row=r) for c, (s, i, r, _) in zip(ids, clips)})
     for name, obj in (("kit.json", kit), ("key.json", key)):  # key.json last: the kit is whole when it is there
         M.atomic_write(t1 / name, lambda f: f.write(json.dumps(obj, indent=1).encode()))
@@ -455,31 +451,36 @@ def build_kit(args, t1):
 
 
 def render_audio(args, t1, ids):
-    """Every clip through FluidSynth, loudness-matched: rendered at gain 0.2 to measure its level (mean power of
-    its 100-ms blocks above -60 dBFS), then at the (linear) gain for TARGET_DBFS. None without FluidSynth."""
+    """Every clip through FluidSynth at one loudness: rendered at gain 0.2 to measure its level (mean power of its
+    100-ms blocks above -60 dBFS) and peak, then at the (linear) gain for the target: TARGET_DBFS, or lower where
+    the spikiest clip would clip. Returns kit.json's "audio", or None without FluidSynth."""
     sf2 = Path(args.soundfont)
     if args.soundfont == "none" or not shutil.which("fluidsynth") or not sf2.is_file():
         why = "--soundfont none" if args.soundfont == "none" else f"no fluidsynth or no {sf2}"
         return print(f"note: {why}: the kit is MIDI only (for audio: apt-get install fluidsynth fluid-soundfont-gm)")
     (t1 / "audio").mkdir(parents=True, exist_ok=True)
+
     def fluidsynth(c, gain, out, kind):
         r = subprocess.run(["fluidsynth", "-ni", "-q", "-r", str(AUDIO_RATE), "-g", f"{gain:.4f}", "-F", str(out),
                             "-T", kind, str(sf2), str(t1 / "clips" / f"{c}.mid")], capture_output=True, text=True)
         need(r.returncode == 0 and out.is_file(),
              f"fluidsynth failed on {c}.mid: {(r.stderr.strip() or 'no output').splitlines()[-1]}")
 
-    def render(c):
+    def measure(c):
         fluidsynth(c, 0.2, t1 / "audio" / f"{c}.raw", "raw")  # 16-bit stereo samples, no header
         x = np.fromfile(t1 / "audio" / f"{c}.raw", np.int16) / np.float32(32768)
         (t1 / "audio" / f"{c}.raw").unlink()
         power = (x[:len(x) // 4410 * 4410] ** 2).reshape(-1, 4410).mean(1)  # 100-ms blocks at 22.05 kHz, stereo
-        level = 10 * math.log10(power[power > 1e-6].mean()) if (power > 1e-6).any() else TARGET_DBFS
-        gain = min(10.0, 0.2 * 10 ** ((TARGET_DBFS - level) / 20))
-        fluidsynth(c, gain, t1 / "audio" / f"{c}.ogg", "oga")
-        return c, dict(level_dbfs=round(level, 2), gain=round(gain, 4))
+        level = 10 * math.log10(power[power > 1e-6].mean()) if (power > 1e-6).any() else -60.0
+        return c, dict(level_dbfs=round(level, 2), peak_dbfs=round(20 * math.log10(max(np.abs(x).max(), 1e-6)), 2))
 
     with ThreadPoolExecutor(2) as pool:  # FluidSynth runs on one core
-        return dict(pool.map(render, ids))
+        clips = dict(pool.map(measure, ids))
+        target = min(TARGET_DBFS, min(v["level_dbfs"] - v["peak_dbfs"] for v in clips.values()) - 1)  # peaks <= -1
+        for v in clips.values():
+            v["gain"] = round(min(10.0, 0.2 * 10 ** ((target - v["level_dbfs"]) / 20)), 4)
+        list(pool.map(lambda c: fluidsynth(c, clips[c]["gain"], t1 / "audio" / f"{c}.ogg", "oga"), ids))
+    return dict(format="ogg", sample_rate=AUDIO_RATE, target_dbfs=round(target, 2), clips=clips)
 
 
 def binom_p(wins, losses):
@@ -495,8 +496,7 @@ def listening_table(args, t1, key):
         need(path.is_file(), f"{path}: no such file (--answers)")
         with open(path, newline="", encoding="utf-8-sig") as f:
             rows = list(csv.DictReader(f))
-        need(rows and not set(COLUMNS) - set(rows[0]), f"{path}: not an answers file of index.html (columns "
-             f"{', '.join(COLUMNS)})")
+        need(rows and not set(COLUMNS) - set(rows[0]), f"{path}: not an answers file of index.html (its CSV)")
         for line, r in enumerate(rows, 2):
             where = f"{path}, line {line}"
             for c in (r["clip_a"], r["clip_b"]):
@@ -597,9 +597,8 @@ def longest_copy(notes, index):
 
 
 def metrics(args, t1, kit, key):
-    """Per system and feature, the overlapping area (OA) of its continuations' features with the ground truth's, beside
-    references: an unrelated piece (another prompt's ground truth: a floor), the ground truth's halves, the repeat.
-    With --train, the longest stretch of notes each clip's continuation copies from the training set."""
+    """Per system and feature the overlapping area (OA) of its continuations' features with the ground truth's, by
+    an unrelated piece (another prompt's ground truth), the ground truth's halves, the repeat; --train: copying."""
     p_ms, end_ms, n = kit["prompt_ms"], kit["end_ms"], len(kit["prompts"])
     cont = defaultdict(list)  # (system, prompt) -> each clip's continuation: its notes starting after the prompt
     for cid, c in key["clips"].items():  # (1 tick = 1 ms)
