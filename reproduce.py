@@ -1,5 +1,5 @@
 """
-The paper's Table 2 (linear probes and classifier finetuning, paper §4.1) at a scale you can afford,
+The paper's tables. Table 2 (linear probes and classifier finetuning, paper §4.1) at a scale you can afford,
 in one command: prepare, pretrain, then per task the embedding and finetuning comparisons, each with
 the stage scripts as a user would run them (subprocesses; torchrun with --nproc > 1).
 
@@ -25,22 +25,36 @@ a difference within the spread is no difference.
 Each stage writes into OUT/<stage>; a stage whose folder holds a finished result is skipped when the
 command is repeated, and an interrupted training stage is resumed (--resume), so a long run survives
 interruptions. OUT/results.json and OUT/results.md hold the tables, with the scale's settings.
+
+Table 1 (paper §4: listeners compare 45-s continuations of 15-s prompts, A/B; binomial tests) trains nothing:
+    python reproduce.py --table 1 --prompts HELD_OUT_MIDI/ --ckpt out/pretrain [more checkpoints]  # the kit
+    python reproduce.py --table 1 --metrics --train data/mine    # objective metrics, no listeners
+    python reproduce.py --table 1 --answers answers_*.csv        # the table, from the listeners' CSVs
+The kit (OUT/table1/): clips/ID.mid, audio/ID.ogg, index.html (from table1.html), kit.json, key.json (docs/table1.md).
 """
 import argparse
 import csv
+import itertools
 import json
+import math
 import os
+import random
+import shutil
 import statistics
 import subprocess
 import sys
 import time
+from collections import defaultdict
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import numpy as np
 import torch
 
 import model as M
+import sample as S
+import tokenizer as T
 import training as TR
-
 
 ROOT = Path(__file__).resolve().parent
 
@@ -78,34 +92,56 @@ class Fail(Exception):
     """A one-line error for the user: exit status 1, no traceback."""
 
 
+def need(ok, message):
+    if not ok:
+        raise Fail(message)
+
+
 def get_args(argv=None):
-    ap = argparse.ArgumentParser(description="Reproduce the paper's Table 2 with the stage scripts.",
+    ap = argparse.ArgumentParser(description="Reproduce the paper's Table 2 (stage scripts) or Table 1 (listening test).",
                                  formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    ap.add_argument("--scale", default="tiny", choices=list(SCALES), help="model size, steps and batch of every stage")
-    ap.add_argument("--data", nargs="+", required=True, metavar="DIR", help="MIDI folders to pretrain on (prepare.py)")
-    ap.add_argument("--task", nargs="+", required=True, metavar="LABELS.csv:LABEL_COL[:SPLIT_COL]",
-                    help="classification tasks; the split column says train/valid/test (default column: split; "
-                         "without it, a deterministic stratified 80/10/10 split per class, model.stratified_split)")
-    ap.add_argument("--out", default="out/reproduce", help="every stage's output, results.json and results.md")
-    ap.add_argument("--seeds", type=int, default=None, help="seeds per probe and classifier finetune (default: the scale's)")
-    ap.add_argument("--device", default="auto", help="cpu, cuda or auto, for every stage")
-    ap.add_argument("--nproc", type=int, default=1, help="processes per training stage (torchrun) for multi-GPU scales")
-    ap.add_argument("--workers", type=int, default=2, help="data loader workers of the training stages")
+    ap.add_argument("--table", type=int, default=2, choices=[1, 2], help="which of the paper's tables")
+    ap.add_argument("--out", default="out/reproduce", help="Table 2: every stage, results.json/.md; Table 1: OUT/table1")
+    ap.add_argument("--device", default="auto", help="cpu, cuda or auto, for every stage (Table 1: sampling)")
+    t2 = ap.add_argument_group("Table 2")
+    t2.add_argument("--scale", default="tiny", choices=list(SCALES), help="model size, steps and batch of every stage")
+    t2.add_argument("--data", nargs="+", metavar="DIR", help="MIDI folders to pretrain on (prepare.py); required")
+    t2.add_argument("--task", nargs="+", metavar="LABELS.csv:LABEL_COL[:SPLIT_COL]",
+                    help="classification tasks (required); the split column says train/valid/test (default column: "
+                         "split; without it, a deterministic stratified 80/10/10 split per class, model.stratified_split)")
+    t2.add_argument("--seeds", type=int, default=None, help="seeds per probe and classifier finetune (default: the scale's)")
+    t2.add_argument("--nproc", type=int, default=1, help="processes per training stage (torchrun) for multi-GPU scales")
+    t2.add_argument("--workers", type=int, default=2, help="data loader workers of the training stages")
+    t1 = ap.add_argument_group("Table 1 (paper §4)")
+    t1.add_argument("--prompts", metavar="DIR", help="held-out MIDI to cut the prompts from: builds the kit")
+    t1.add_argument("--ckpt", nargs="+", default=[], help="checkpoints to test (as sample.py's --ckpt), one system each")
+    t1.add_argument("--n_prompts", type=int, default=5, help="prompts, drawn by --seed (paper: 5)")
+    t1.add_argument("--n_continuations", type=int, default=8, help="per prompt and checkpoint (paper: 8)")
+    t1.add_argument("--prompt_seconds", type=float, default=15.0, help="prompt length (paper: 15 s)")
+    t1.add_argument("--continuation_seconds", type=float, default=45.0, help="continuation length (paper: 45 s)")
+    t1.add_argument("--temp", type=float, default=0.98, help="sampling temperature (sample.py's, official)")
+    t1.add_argument("--min_p", type=float, default=0.035, help="min-p sampling (sample.py's, official)")
+    t1.add_argument("--seed", type=int, default=0, help="draws the prompts and the clips' order; prompt i samples with seed + i")
+    t1.add_argument("--trials", type=int, default=40, help="A/B trials per listener, every pair of systems equally often (the paper: not said)")
+    t1.add_argument("--with_repeat", action="store_true", help="also put the naive repeat in the listening test")
+    t1.add_argument("--soundfont", default="/usr/share/sounds/sf2/FluidR3_GM.sf2", help="GM sound font (the paper: Pianoteq); none: MIDI only")
+    t1.add_argument("--answers", nargs="+", metavar="CSV", help="the listeners' CSVs (from index.html): the table")
+    t1.add_argument("--min_training", type=float, default=1.0, help="leave out listeners with fewer years of training (paper)")
+    t1.add_argument("--metrics", action="store_true", help="objective metrics of the kit: OUT/table1/metrics.json")
+    t1.add_argument("--train", metavar="DATASET", help="with --metrics: a prepare.py dataset to find copied notes in")
     return ap.parse_args(argv)
 
 
 def parse_task(spec):
     parts = spec.split(":")
-    if len(parts) not in (2, 3) or not parts[0]:
-        raise Fail(f"--task {spec!r}: expected LABELS.csv:LABEL_COL[:SPLIT_COL]")
+    need(len(parts) in (2, 3) and parts[0], f"--task {spec!r}: expected LABELS.csv:LABEL_COL[:SPLIT_COL]")
     path, label_col, split_col = Path(parts[0]), parts[1], parts[2] if len(parts) == 3 else "split"
-    if not path.is_file():
-        raise Fail(f"{path}: no such labels file (--task)")
+    need(path.is_file(), f"{path}: no such labels file (--task)")
     with open(path, newline="", encoding="utf-8-sig") as f:
         rows = list(csv.DictReader(f))
     has_split = bool(rows) and split_col in rows[0]
-    if not rows or "path" not in rows[0] or label_col not in rows[0] or len(parts) == 3 and not has_split:
-        raise Fail(f"{path}: needs columns path, {label_col!r}" + (f" and {split_col!r}" if len(parts) == 3 else ""))
+    need(rows and "path" in rows[0] and label_col in rows[0] and (len(parts) == 2 or has_split),
+         f"{path}: needs columns path, {label_col!r}" + (f" and {split_col!r}" if len(parts) == 3 else ""))
     # no split column: the stages split as finetune_cls.py does (the same files in every stage)
     splits = [r[split_col] for r in rows] if has_split else TR.stratified_split([r["path"].strip() for r in rows],
                                                                                  [r[label_col].strip() for r in rows])
@@ -147,8 +183,7 @@ class Runner:
         for line in proc.stdout:  # the stage's own log lines (step, loss, ETA) as they come
             print(f"    {line.rstrip()}", flush=True)
             tail = (tail + [line.rstrip()])[-5:]
-        if proc.wait() != 0:
-            raise Fail(f"{name} failed ({' '.join(cmd[1:3])} ...): {tail[-1] if tail else 'no output'}")
+        need(proc.wait() == 0, f"{name} failed ({' '.join(cmd[1:3])} ...): {tail[-1] if tail else 'no output'}")
         print(f"    {name}: {time.time() - t:.0f} s", flush=True)
 
 
@@ -171,23 +206,16 @@ def summary(values):
 
 
 # -----------------------------------------------------------------------------
-
-
-def main(argv=None):
-    try:
-        return reproduce(get_args(argv))
-    except Fail as e:
-        print(f"reproduce.py: {e}", file=sys.stderr)
-        return 1
+# Table 2
 
 
 def reproduce(args):
+    need(args.data and args.task, "Table 2 needs --data DIR ... and --task LABELS.csv:LABEL_COL ...")
     s = SCALES[args.scale]
     seeds = list(range(args.seeds or s["seeds"]))
     tasks = [parse_task(t) for t in args.task]
     for d in args.data:
-        if not Path(d).is_dir():
-            raise Fail(f"{d}: no such folder (--data)")
+        need(Path(d).is_dir(), f"{d}: no such folder (--data)")
     out = Path(args.out)
     dev = ["--device", args.device]
     work = ["--workers", str(args.workers)]
@@ -290,6 +318,332 @@ def write_results(out, results):
         lines.append("")
     (out / "results.json").write_text(json.dumps(results, indent=1) + "\n")
     (out / "results.md").write_text("\n".join(lines))
+
+
+# -----------------------------------------------------------------------------
+# Table 1: the listening test (paper §4)
+
+# The paper's Table 1: Aria (medium, generative finetune) against each system: wins, ties, losses, p-value
+PAPER_T1 = [("AM Transformer", 38, 0, 6, 9.43e-7), ("Suno 3.5", 18, 9, 21, 7.49e-1),
+            ("MusicGen", 49, 1, 0, 3.55e-15), ("Ground Truth", 15, 9, 17, 8.60e-1)]
+GT, REPEAT = "ground_truth", "repeat"
+AUDIO_RATE = 22050   # Hz: Ogg Vorbis at about 0.5 MB per minute keeps a kit small (docs/table1.md)
+TARGET_DBFS = -24.0  # every clip's gated RMS level, or lower where a clip's peaks need it (render_audio)
+COLUMNS = ["listener", "training", "trial", "clip_a", "clip_b", "choice", "seconds"]  # index.html's CSV
+FEATURES = ["pitch", "pitch_class", "ioi", "duration", "velocity", "polyphony", "density"]
+NGRAM = 8            # notes per stretch in the memorisation index
+
+
+def table1(args):
+    t1 = Path(args.out) / "table1"
+    need(args.prompts or args.answers or args.metrics or args.train,
+         "--table 1 needs --prompts DIR --ckpt CKPT (the kit), --metrics or --answers CSV ...")
+    if args.prompts:
+        build_kit(args, t1)
+    need((t1 / "key.json").is_file(), f"{t1}: no listening-test kit here; build one with --prompts DIR --ckpt CKPT")
+    kit, key = (json.loads((t1 / name).read_text()) for name in ("kit.json", "key.json"))
+    if args.metrics or args.train:
+        metrics(args, t1, kit, key)
+    if args.answers:
+        listening_table(args, t1, key)
+    return 0
+
+
+def pick_prompts(args, p_ms, end_ms):
+    """--n_prompts files (drawn by --seed) with end_ms of music after the first note: the prompt's notes and the
+    real continuation's, both tokenized (10-ms grid, velocity bins, pedal in durations) as the model's are."""
+    folder = Path(args.prompts)
+    need(folder.is_dir(), f"{folder}: no such folder (--prompts)")
+    files = sorted(f for f in folder.rglob("*") if f.suffix.lower() in (".mid", ".midi"))
+    random.Random(args.seed).shuffle(files)
+    picked = []
+    for f in files:
+        try:
+            score = T.load_midi(f)
+            first = score.duration_ms(0, score.notes[0][0])  # IndexError: no notes
+            notes, programs = T.detokenize_notes(T.prompt(score, (first + p_ms) / 1000))
+            full = T.detokenize_notes(T.prompt(score, (first + end_ms) / 1000))[0]
+        except (T.TokenizerError, IndexError):
+            continue
+        gt = [n for n in full[len(notes):] if n[0] < end_ms]  # solo piano, neither side near silence:
+        if (score.duration_ms(0, score.notes[-1][0]) - first >= end_ms and min(len(notes), len(gt)) >= 10
+                and programs == {0: 0}):
+            picked.append(dict(file=str(f), first_ms=first, notes=notes, programs=programs, gt=gt))
+        if len(picked) == args.n_prompts:
+            return picked
+    raise Fail(f"{folder}: only {len(picked)} of {len(files)} MIDI files hold {end_ms / 1000:g} s of solo piano "
+               f"(--n_prompts {args.n_prompts})")
+
+
+def build_kit(args, t1):
+    """Prompts, continuations, clips, audio and the listening page, in OUT/table1; key.json last."""
+    t0 = time.time()
+    for k in ("n_prompts", "n_continuations", "trials", "prompt_seconds", "continuation_seconds"):
+        need(getattr(args, k) > 0, f"--{k} must be > 0")
+    need(args.ckpt, "--prompts needs --ckpt CKPT ...: the checkpoints to test")
+    need(not (t1 / "key.json").exists(), f"{t1} holds a kit, and answers name its clip ids: use another --out")
+    p_ms, end_ms = round(args.prompt_seconds * 1e3), round((args.prompt_seconds + args.continuation_seconds) * 1e3)
+    prompts = pick_prompts(args, p_ms, end_ms)
+    clips, loop = [], min(p_ms, end_ms - p_ms)  # (system, prompt, row, notes); the repeat: the prompt's end again
+    for i, p in enumerate(prompts):
+        again = [(s + k * loop, e + k * loop, *r) for k in range(1, -(-(end_ms - p_ms) // loop) + 1)
+                 for s, e, *r in p["notes"] if s >= p_ms - loop]
+        clips += [(GT, i, 0, p["notes"] + p["gt"]), (REPEAT, i, 0, p["notes"] + again)]
+    device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
+    checkpoints, names = [], [Path(c).stem if Path(c).is_file() else Path(c).resolve().name for c in args.ckpt]
+    names = [n if names.count(n) == 1 and n not in (GT, REPEAT) else f"{n}_{k + 1}" for k, n in enumerate(names)]
+    for spec, name in zip(args.ckpt, names):
+        try:
+            path = M.resolve_checkpoint(spec)
+            model = M.load_model(path, device=device, dtype=torch.bfloat16 if device == "cuda" else torch.float32)
+        except M.CheckpointError as e:
+            raise Fail(str(e)) from None
+        need("lm" in model.heads, f"{path}: no LM head ({', '.join(model.heads)}); continuations need one")
+        runs = []
+        checkpoints.append(dict(system=name, path=str(path), params=model.num_params(), device=device, runs=runs))
+        for i, p in enumerate(prompts):
+            ids, t = T.prompt(p["file"], (p["first_ms"] + p_ms) / 1000, pedal=model.pedal), time.time()
+            length = model.config.max_seq_len - len(ids)
+            need(length > 0, f"{p['file']}: its {len(ids)}-token prompt fills {path}'s context")
+            # every row runs to its first event at end_ms, with no <E> before: an early end gives a system away
+            rows = S.generate(model, ids, n_variations=args.n_continuations, length=length, device=device,
+                              seed=args.seed + i, temp=args.temp, min_p=args.min_p, eos=False, stats={},
+                              seconds=(end_ms - max(n[0] for n in p["notes"])) / 1000)
+            clips += [(name, i, r, p["notes"] + S.split_notes(row, len(ids))[1]) for r, row in enumerate(rows)]
+            reached = [r[-1] == T.EOS_ID for r in rows]
+            runs.append(dict(prompt=i + 1, seed=args.seed + i, prompt_tokens=len(ids), reached=reached,
+                             new_tokens=[len(r) - len(ids) for r in rows], s=round(time.time() - t, 1)))
+            short = f"; {reached.count(False)} stop short of {args.continuation_seconds:g} s: the context is full"
+            print(f"table 1: {name}, prompt {i + 1}/{len(prompts)}: {len(rows)} continuations in {runs[-1]['s']} s"
+                  + short * (not all(reached)))
+
+    # opaque ids, drawn afresh (answers to another kit are caught), in an order that says nothing of the systems
+    rng, fresh = random.Random(args.seed), random.SystemRandom()
+    rng.shuffle(clips)
+    ids = [f"{x:06x}" for x in fresh.sample(range(16 ** 6), len(clips))]
+    for sub in ("clips", "audio"):
+        shutil.rmtree(t1 / sub, ignore_errors=True)
+    for cid, (_, i, _, notes) in zip(ids, clips):  # 1 tick = 1 ms; every clip lasts exactly end_ms
+        mid = T.notes_to_midi([(s, min(e, end_ms), *r) for s, e, *r in notes if s < end_ms], prompts[i]["programs"])
+        mid.tracks[0][-1].time = max(0, end_ms - sum(m.time for m in mid.tracks[0]))
+        M.atomic_write(t1 / "clips" / f"{cid}.mid", lambda f: mid.save(file=f))
+    audio = render_audio(args, t1, ids)
+
+    # the page gets, per prompt, the clip ids of each tested system as an unnamed group (in a seeded order)
+    tested = [c["system"] for c in checkpoints] + [GT] + [REPEAT] * args.with_repeat
+    order = rng.sample(tested, len(tested))
+    groups = [[sorted(c for c, (s, i, _, _) in zip(ids, clips) if (s, i) == (g, k)) for g in order]
+              for k in range(len(prompts))]
+    pairs = len(tested) * (len(tested) - 1) // 2
+    trials = -(-args.trials // pairs) * pairs
+    kit_id = f"{fresh.getrandbits(40):010x}"  # the page keeps its answers under this name in the browser
+    page = json.dumps(dict(kit=kit_id, trials=trials, prompts=groups, audio=audio and audio["format"],
+                           seconds=[args.prompt_seconds, args.continuation_seconds])).replace("</", "<\\/")
+    html = (ROOT / "table1.html").read_text(encoding="utf-8").replace("__KIT__", page)
+    M.atomic_write(t1 / "index.html", lambda f: f.write(html.encode()))
+    kit = dict(kit=kit_id, settings=vars(args), prompt_ms=p_ms, end_ms=end_ms, trials=trials, checkpoints=checkpoints,
+               prompts=[dict(file=p["file"], offset_s=p["first_ms"] / 1000, notes=len(p["notes"])) for p in prompts],
+               clips={c: i + 1 for c, (_, i, _, _) in zip(ids, clips)}, audio=audio)
+    key = dict(systems=tested, clips={c: dict(system=s, prompt=i + 1, row=r) for c, (s, i, r, _) in zip(ids, clips)})
+    for name, obj in (("kit.json", kit), ("key.json", key)):  # key.json last: the kit is whole when it is there
+        M.atomic_write(t1 / name, lambda f: f.write(json.dumps(obj, indent=1).encode()))
+    print(f"table 1: kit of {len(ids)} clips ({len(prompts)} prompts; {', '.join(tested)} in the test, {trials} "
+          f"trials per listener) in {time.time() - t0:.0f} s: open {t1 / 'index.html'}; keep key.json from listeners")
+
+
+def render_audio(args, t1, ids):
+    """Every clip through FluidSynth at one loudness: rendered at gain 0.2 to measure its level (mean power of its
+    100-ms blocks above -60 dBFS) and peak, then at the (linear) gain for the target: TARGET_DBFS, or lower where
+    the spikiest clip would clip. Returns kit.json's "audio", or None without FluidSynth."""
+    sf2 = Path(args.soundfont)
+    if args.soundfont == "none" or not shutil.which("fluidsynth") or not sf2.is_file():
+        why = "--soundfont none" if args.soundfont == "none" else f"no fluidsynth or no {sf2}"
+        return print(f"note: {why}: the kit is MIDI only (for audio: apt-get install fluidsynth fluid-soundfont-gm)")
+    (t1 / "audio").mkdir(parents=True, exist_ok=True)
+
+    def fluidsynth(c, gain, out, kind):
+        r = subprocess.run(["fluidsynth", "-ni", "-q", "-r", str(AUDIO_RATE), "-g", f"{gain:.4f}", "-F", str(out),
+                            "-T", kind, str(sf2), str(t1 / "clips" / f"{c}.mid")], capture_output=True, text=True)
+        need(r.returncode == 0 and out.is_file(),
+             f"fluidsynth failed on {c}.mid: {(r.stderr.strip() or 'no output').splitlines()[-1]}")
+
+    def measure(c):
+        fluidsynth(c, 0.2, t1 / "audio" / f"{c}.raw", "raw")  # 16-bit stereo samples, no header
+        x = np.fromfile(t1 / "audio" / f"{c}.raw", np.int16) / np.float32(32768)
+        (t1 / "audio" / f"{c}.raw").unlink()
+        power = (x[:len(x) // 4410 * 4410] ** 2).reshape(-1, 4410).mean(1)  # 100-ms blocks at 22.05 kHz, stereo
+        level = 10 * math.log10(power[power > 1e-6].mean()) if (power > 1e-6).any() else -60.0
+        return c, dict(level_dbfs=round(level, 2), peak_dbfs=round(20 * math.log10(max(np.abs(x).max(), 1e-6)), 2))
+
+    with ThreadPoolExecutor(2) as pool:  # FluidSynth runs on one core
+        clips = dict(pool.map(measure, ids))
+        target = min(TARGET_DBFS, min(v["level_dbfs"] - v["peak_dbfs"] for v in clips.values()) - 1)  # peaks <= -1
+        for v in clips.values():
+            v["gain"] = round(min(10.0, 0.2 * 10 ** ((target - v["level_dbfs"]) / 20)), 4)
+        list(pool.map(lambda c: fluidsynth(c, clips[c]["gain"], t1 / "audio" / f"{c}.ogg", "oga"), ids))
+    return dict(format="ogg", sample_rate=AUDIO_RATE, target_dbfs=round(target, 2), clips=clips)
+
+
+def binom_p(wins, losses):
+    """Two-sided exact binomial test of wins against losses at p = 1/2 (ties left out, as in the paper)."""
+    n = wins + losses
+    return min(1.0, 2 * sum(math.comb(n, k) for k in range(min(wins, losses) + 1)) / 2 ** n) if n else 1.0
+
+
+def listening_table(args, t1, key):
+    """The listeners' CSVs -> per pair of systems the first one's wins, ties, losses and p: OUT/table1/results.*"""
+    clips, answers = key["clips"], []
+    for path in map(Path, args.answers):
+        need(path.is_file(), f"{path}: no such file (--answers)")
+        with open(path, newline="", encoding="utf-8-sig") as f:
+            rows = list(csv.DictReader(f))
+        need(rows and not set(COLUMNS) - set(rows[0]), f"{path}: not an answers file of index.html (its CSV)")
+        for line, r in enumerate(rows, 2):
+            where = f"{path}, line {line}"
+            for c in (r["clip_a"], r["clip_b"]):
+                need(c in clips, f"{where}: clip id {c!r} is not in {t1 / 'key.json'} (another kit's answers?)")
+            need(r["choice"] in ("A", "tie", "B"), f"{where}: choice {r['choice']!r}, expected A, tie or B")
+            try:
+                answers.append(dict(r, years=float(r["training"])))
+            except ValueError:
+                raise Fail(f"{where}: years of training {r['training']!r} is not a number") from None
+    left_out = {r["listener"] for r in answers if r["years"] < args.min_training}
+    answers = [r for r in answers if r["years"] >= args.min_training]
+    tally = {pair: [0, 0, 0] for pair in itertools.combinations(dict.fromkeys(key["systems"] + [REPEAT]), 2)}
+    for r in answers:
+        a, b = clips[r["clip_a"]]["system"], clips[r["clip_b"]]["system"]
+        pair, won = (a, b) if (a, b) in tally else (b, a), {"A": a, "B": b}.get(r["choice"])
+        if pair in tally:
+            tally[pair][1 if won is None else 0 if won == pair[0] else 2] += 1
+    rows = [dict(system=a, against=b, wins=won, ties=tied, losses=lost, p=binom_p(won, lost))
+            for (a, b), (won, tied, lost) in tally.items() if won + tied + lost]
+    paper = [dict(system="Aria", against=a, wins=w, ties=t, losses=n, p=p) for a, w, t, n, p in PAPER_T1]
+    res = dict(listeners=len({r["listener"] for r in answers}), left_out=sorted(left_out), answers=len(answers),
+               min_training=args.min_training, rows=rows, paper=paper)
+    lines = ["# Table 1: the listening test", "", f"{res['listeners']} listeners, {len(answers)} answers; "
+             f"{len(left_out)} listeners left out (under {args.min_training:g} years of musical training). Wins, "
+             "ties and losses of the first system; p: two-sided exact binomial test on the non-tied answers.", ""]
+    for title, table in (("This kit", rows), ("The paper (Aria medium, 46 listeners)", paper)):
+        lines += [f"## {title}", "", "| system | against | wins | ties | losses | p-value |", "|---" * 6 + "|", *(
+            f"| {r['system']} | {r['against']} | {r['wins']} | {r['ties']} | {r['losses']} | {r['p']:.2e} |"
+            for r in table), ""]
+    M.atomic_write(t1 / "results.json", lambda f: f.write(json.dumps(res, indent=1).encode()))
+    M.atomic_write(t1 / "results.md", lambda f: f.write("\n".join(lines).encode()))
+    print("\n".join(lines))
+
+
+def features(notes, t0, t1):
+    """Yang & Lerch's (2020) features of the notes starting in [t0, t1) ms; log2 s for inter-onsets and durations."""
+    notes = [n for n in notes if t0 <= n[0] < t1]
+    start, end, pitch, vel = (np.array([n[k] for n in notes], dtype=float) for k in range(4))
+    onsets = np.unique(start)
+    return dict(pitch=pitch, pitch_class=pitch % 12, ioi=np.log2(np.maximum(np.diff(onsets), 10) / 1000),
+                duration=np.log2(np.maximum(end - start, 10) / 1000), velocity=vel,
+                polyphony=np.array([np.sum((start <= t) & (end > t)) for t in onsets], dtype=float),
+                density=np.histogram(start, bins=np.arange(t0, t1 + 1, 1000))[0].astype(float))  # notes per second
+
+
+def overlap(x, y, feature):
+    """The overlapping area of two samples' distributions: of Gaussian kernel-density estimates (Silverman's
+    bandwidth), as Yang & Lerch; for pitch class, of the 12-bin histograms (a circular, discrete feature)."""
+    if not len(x) or not len(y):
+        return 0.0
+    if feature == "pitch_class":
+        return float(np.minimum(*(np.bincount(v.astype(int), minlength=12) / len(v) for v in (x, y))).sum())
+    bw = [0.9 * (min(v.std(), np.subtract(*np.percentile(v, [75, 25])) / 1.34) or v.std() or 1.0) * len(v) ** -0.2
+          for v in (x, y)]
+    grid = np.linspace(min(x.min(), y.min()) - 4 * max(bw), max(x.max(), y.max()) + 4 * max(bw), 512)
+    pdf = [np.exp(-0.5 * ((grid[:, None] - v) / h) ** 2).sum(1) / (len(v) * h * math.sqrt(2 * math.pi))
+           for v, h in zip((x, y), bw)]
+    return float(np.minimum(*pdf).sum() * (grid[1] - grid[0]))
+
+
+def note_ngrams(group, start, pitch):
+    """(n - NGRAM + 1,) uint64: a hash of each NGRAM-note stretch of notes sorted by (group, start, pitch), from
+    its pitch steps and onset gaps (the same under transposition and a shift in time); 0 across two groups."""
+    m = len(pitch) - NGRAM + 1
+    if m < 1:
+        return np.zeros(0, np.uint64)
+    step = (np.diff(pitch) + 128 + 256 * np.diff(start)).astype(np.uint64)  # (n - 1,)
+    h = np.zeros(m, np.uint64)
+    for j in range(NGRAM - 1):
+        h = h * np.uint64(1000003) + step[j:j + m]
+    return np.where(group[:m] == group[NGRAM - 1:], h, np.uint64(0))
+
+
+def ngram_index(dataset):
+    """Every NGRAM-note stretch of a prepare.py dataset's training files: (sorted note_ngrams hashes, files)."""
+    d = Path(dataset)
+    need((d / "train.bin").is_file() and (d / "train.idx.npy").is_file(),
+         f"{d}: not a prepare.py dataset (no train.bin, train.idx.npy) (--train)")
+    ids, idx = np.fromfile(d / "train.bin", dtype=np.uint16).astype(np.int64), np.load(d / "train.idx.npy")
+    cls = T.TOKEN_CLASS[ids]
+    at = np.flatnonzero((cls[:-2] == T.NOTE) & (cls[1:-1] == T.ONSET) & (cls[2:] == T.DUR))  # note, onset, dur
+    group = np.searchsorted(idx, at, side="right") - 1
+    segs = np.concatenate([[0], np.cumsum(ids == T.SEG_ID)])  # <T>s before each position
+    start = (segs[at] - segs[idx[group]]) * T.SEGMENT_MS + (ids[at + 1] - T.ONSET_START) * T.TIME_STEP_MS
+    pitch = (ids[at] - T.NOTE_START) % T.NOTES_PER_INSTRUMENT // len(T.VELOCITIES)
+    order = np.lexsort((pitch, start, group))
+    h = note_ngrams(group[order], start[order], pitch[order])
+    return np.sort(h[h != 0]), len(idx) - 1  # (np.unique and np.isin are many times slower on uint64)
+
+
+def longest_copy(notes, index):
+    """The longest stretch of notes (at least NGRAM, else 0) whose every NGRAM-note window is in the index."""
+    notes = sorted((n[0], n[2]) for n in notes)
+    h = note_ngrams(np.zeros(len(notes)), *(np.array([n[k] for n in notes], dtype=np.int64) for k in (0, 1)))
+    at = np.minimum(np.searchsorted(index, h), len(index) - 1)
+    runs = [len(list(run)) for copied, run in itertools.groupby(index[at] == h) if copied] if len(index) else []
+    return max(runs) + NGRAM - 1 if runs else 0
+
+
+def metrics(args, t1, kit, key):
+    """Per system and feature the overlapping area (OA) of its continuations' features with the ground truth's, by
+    an unrelated piece (another prompt's ground truth), the ground truth's halves, the repeat; --train: copying."""
+    p_ms, end_ms, n = kit["prompt_ms"], kit["end_ms"], len(kit["prompts"])
+    cont = defaultdict(list)  # (system, prompt) -> each clip's continuation: its notes starting after the prompt
+    for cid, c in key["clips"].items():  # (1 tick = 1 ms)
+        notes = T.load_midi(t1 / "clips" / f"{cid}.mid").notes
+        cont[c["system"], c["prompt"]].append([x for x in notes if x[0] >= p_ms])
+    gt, half = [cont[GT, k][0] for k in range(1, n + 1)], (p_ms + end_ms) // 2
+    systems = list(dict.fromkeys(key["systems"] + [REPEAT]))  # the checkpoints, ground truth, repeat
+    sets = {s: [([features(x, p_ms, end_ms) for x in cont[s, k + 1]], [features(gt[k], p_ms, end_ms)])
+                for k in range(n)] for s in systems if s != GT}
+    sets["unrelated (floor)"] = [([features(gt[(k + 1) % n], p_ms, end_ms)], [features(gt[k], p_ms, end_ms)])
+                                 for k in range(n if n > 1 else 0)]
+    sets["ground truth halves"] = [([features(g, p_ms, half)], [features(g, half, end_ms)]) for g in gt]
+    rows = {}
+    for s, pairs in sets.items():
+        oa = {f: [overlap(*(np.concatenate([x[f] for x in side]) for side in pair), f) for pair in pairs]
+              for f in FEATURES}
+        rows[s] = {f: dict(mean=round(float(np.mean(v)), 3), std=round(float(np.std(v)), 3),
+                           per_prompt=[round(x, 3) for x in v]) for f, v in oa.items() if v}
+    res = dict(features=FEATURES, window_ms=[p_ms, end_ms], prompts=n, oa=rows)
+    lines = ["| OA with the ground truth | " + " | ".join(FEATURES) + " |", "|---" * (len(FEATURES) + 1) + "|"]
+    lines += [f"| {s} | " + " | ".join(f"{r[f]['mean']:.2f} ± {r[f]['std']:.2f}" for f in FEATURES) + " |"
+              for s, r in rows.items() if r]
+    if args.train:
+        index, files = ngram_index(args.train)
+        copies = {s: [longest_copy(x, index) for k in range(1, n + 1) for x in cont[s, k]] for s in systems}
+        res["memorisation"] = dict(dataset=str(args.train), train_files=files, ngram=NGRAM, longest_copy={
+            s: dict(max=max(v), mean=round(statistics.mean(v), 1), per_clip=v) for s, v in copies.items()})
+        lines += ["", f"Longest stretch of notes copied from {args.train} ({files} files): " + "; ".join(
+            f"{s} max {max(v)}, mean {statistics.mean(v):.1f}" for s, v in copies.items())]
+    M.atomic_write(t1 / "metrics.json", lambda f: f.write(json.dumps(res, indent=1).encode()))
+    print(f"table 1 metrics: overlapping area (OA) with the ground truth's continuation, mean ± std over {n} "
+          f"prompts ({t1 / 'metrics.json'})\n" + "\n".join(lines))
+
+
+# -----------------------------------------------------------------------------
+
+
+def main(argv=None):
+    try:
+        args = get_args(argv)
+        return table1(args) if args.table == 1 else reproduce(args)
+    except Fail as e:
+        print(f"reproduce.py: {e}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":
