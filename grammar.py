@@ -68,7 +68,11 @@ def _tables(V=T.VOCAB_SIZE):
     return allowed, nxt
 
 
-PromptInfo = namedtuple("PromptInfo", "instruments state last_onset segments pedal_down")
+class PromptInfo(namedtuple("PromptInfo", "instruments state last_onset segments pedal_down")):
+    @property
+    def last_ms(self):
+        """The prompt's last onset, in ms from its start."""
+        return self.segments * T.SEGMENT_MS + (self.last_onset - T.ONSET_START) * T.TIME_STEP_MS
 
 
 def prompt_info(ids, V=T.VOCAB_SIZE):

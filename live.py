@@ -442,7 +442,7 @@ class Duet:
         ids = ids + [T.SEG_ID] * max(0, floor // SEG - ids[len(perf.head):].count(T.SEG_ID))
         t_end = base + floor + a.seconds * 1000  # --seconds of her music, as it sounds (lateness included)
         info = G.prompt_info(ids, self.model.config.vocab_size)  # generate's `seconds` from its last onset
-        t_last = base + info.segments * SEG + (info.last_onset - T.ONSET_START) * T.TIME_STEP_MS
+        t_last = base + info.last_ms
         sampling = S.sampling_from_args(a, seed=a.seed + self.turns, eos=a.may_end, dim=a.may_end,
                                         min_onset_ms=floor % SEG, max_onset_ms=floor % SEG + FIRST_REST_MS,
                                         seconds=(t_end - t_last) / 1000)

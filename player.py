@@ -423,3 +423,43 @@ class NoteStream:
         else:
             self.event = []
         return [], []
+
+
+def stream_notes(prompt, rows, json_lines=False, port=None, last_ms=0):
+    """sample.py --stream / --port: an on_step for sample.generate that prints every row's notes
+    and pedal changes as JSON lines the moment they are decoded, and plays the first row on a MIDI
+    output in real time, the prompt's last onset (last_ms) at the first new token; -> (on_step, finish),
+    finish() waits for the last notes, releases everything and returns an error or None."""
+    streams = [NoteStream(prompt) for _ in range(rows)]
+    player = Player(open_port(port, "output"), Clock()) if port else None
+    origin = -last_ms
+
+    def on_step(i, toks):
+        if player and i == 0:  # the music starts with the first new token, not before the prefill
+            player.clock.start = time.perf_counter()
+        for row, (stream, tok) in enumerate(zip(streams, toks), 1):
+            notes, changes = stream.feed(tok)
+            for n in notes:
+                if json_lines:
+                    print(json.dumps(dict(row=row, start_ms=n[0], end_ms=n[1], pitch=n[2], velocity=n[3],
+                                          channel=n[4])), flush=True)
+                if player and row == 1:
+                    player.note(n[0] + origin, n[1] + origin, *n[2:])
+            for t, on in changes:
+                if json_lines:
+                    print(json.dumps(dict(row=row, pedal_ms=t, on=on)), flush=True)
+                if player and row == 1:
+                    player.pedal_change(t + origin, on)
+        return bool(player and player.error)
+
+    def finish():
+        if player is None:
+            return None
+        while player.busy() and not player.error:
+            time.sleep(0.01)
+        stuck = player.close()
+        print(f"played {player.stats['notes']} notes on {port}: {player.stats['late']} late "
+              f"(timeline moved {player.shift:.2f} s), {stuck} stuck",
+              file=sys.stderr if json_lines else sys.stdout)
+        return player.error
+    return on_step, finish

@@ -10,10 +10,9 @@ Sample piano continuations from an Aria language model (paper §4: 45-second con
 
 Writes OUT/<prompt stem>_<i>.mid (prompt + continuation; --continuation_only: the continuation
 alone, from 0 s) and OUT/<prompt stem>_<i>.json (settings, checkpoint, counts, ids, tokens/s).
-Top to bottom: the grammar (ours: only tokens that can legally come next, so every sample
-decodes), the draw (official sample_cuda.py: temperature, top-k, top-p, min-p), decoding in
-gpt-fast's shape (prefill, one step, the loop; static KV cache as official model_cuda.py), the
-CUDA-graph/compile plumbing, output, the CLI (shared with live.py).
+Top to bottom: the draw (official sample_cuda.py: temperature, top-k, top-p, min-p), decoding in
+gpt-fast's shape (prefill, one step, the loop; grammar.py constrains each step), the CUDA-graph
+and compile plumbing, output, the CLI (shared with live.py).
 """
 import argparse
 import functools
@@ -44,9 +43,9 @@ KV_BUCKET = 256                 # cache slots read per step rounded up to this u
 END_CUE_TOKENS = 100            # as the generative finetune placed <D> (paper §3.2)
 PRIOR_TOKENS = 50
 PRIOR_MS_PER_TOKEN = 33
-# --kv auto with quantized weights: the cache measured fastest on a CPU. Not a compact one yet:
-# inductor's int8/bf16 attention reads slower than SDPA's float32 kernel (docs/performance.md)
+# --kv auto with quantized weights: the fastest measured on a CPU (docs/performance.md: not yet a compact one)
 KV_AUTO_QUANTIZED = "float32"
+Split = namedtuple("Split", "prompt new programs")  # split_notes: a row's notes, in ms
 
 # -----------------------------------------------------------------------------
 # Sampling: how one token is drawn from the logits
@@ -54,9 +53,8 @@ KV_AUTO_QUANTIZED = "float32"
 
 @dataclass
 class Sampling:
-    """How tokens are drawn and where a row ends. sample.py and live.py build one from their
-    options (add_sampling_args, each script with its own defaults); generate takes one, or its
-    fields as keywords."""
+    """How tokens are drawn and where a row ends. sample.py and live.py build one from their options
+    (add_sampling_args, each with its own defaults); generate takes one, or its fields as keywords."""
     temp: float = 0.98            # official default; 0 = greedy
     min_p: float = 0.035          # official default: drop tokens below min_p x the most likely one
     top_p: float | None = None    # None or 1 = off
@@ -105,10 +103,9 @@ def pick(logits, temp, top_k=0, top_p=None, min_p=0.0, generator=None):
 
 
 class Decoder:
-    """B rows continued together, every buffer on the device: seq (B, P + length) holds each
-    prompt then its new tokens, pos (B,) where each row's next token goes, the grammar state and
-    the seeded generator. step(i) makes token i of every row with no host sync and no branch on
-    a tensor's value, so one CUDA graph can record it and replay it (the last section)."""
+    """B rows continued together, all on the device: seq (B, P + length) holds each prompt, then its new
+    tokens; pos (B,) where each row's next token goes; the grammar state; the seeded generator. step(i)
+    makes token i of every row with no host sync and no branch on a tensor's value (a CUDA graph)."""
 
     def __init__(self, model, rows, length, s: Sampling, device, forward, bucket):
         P = max(len(r) for r in rows)
@@ -132,13 +129,11 @@ class Decoder:
         self.bucket = bucket
 
     def prefill(self, start=0):
-        """The prompts but their last tokens into the KV cache, causal from `start` (the cache
-        already holds the tokens before it): the first step feeds the last one."""
+        """The prompts but their last tokens (the first step feeds those) into the cache, from `start`."""
         if start < self.P - 1:
             self.model(self.seq[:, start:self.P - 1], input_pos=start, out_pos=torch.zeros_like(self.n))
 
-    def read_len(self, i):
-        """Cache slots step i reads."""
+    def read_len(self, i):  # cache slots step i reads
         return min(self.P + self.length, -(-(self.P + i) // self.bucket) * self.bucket)
 
     def step(self, i):
@@ -251,9 +246,8 @@ def generate(model, prompts, n_variations=1, length=2048, sampling=None, *, devi
 
 
 def _ensure_cache(model, batch, length, dtype, device, keep=False):
-    # reuse KV buffers that fit, whatever they store (setup_cache's dtype: --kv); compiled code
-    # keeps pointing at them and a longer cache may hold a prefill (`keep`); attention reads only
-    # the filled slots, stale ones are overwritten first
+    # reuse KV buffers that fit, whatever they store (setup_cache's dtype: --kv; compiled code keeps
+    # pointing at them; a longer one may hold a prefill); stale slots are overwritten before being read
     kv = model.model.encode_layers[0].kv_cache
     if kv is not None and (kv.k.shape[0], kv.k.device) == (batch, device) and kv.k.shape[2] >= length:
         return
@@ -335,8 +329,6 @@ def _capture(step, gen, device):
 # Output: MIDI files, JSON sidecars, piano rolls
 
 
-Split = namedtuple("Split", "prompt new programs")
-
 
 def split_notes(row, n_prompt):
     """(prompt notes, continuation notes, channel programs) of a full row, in ms. The
@@ -374,48 +366,6 @@ def plot_roll(prompt_notes, new_notes, path, title):
     fig.savefig(path, dpi=100)
     plt.close(fig)
     return True
-
-
-def stream_notes(prompt, rows, json_lines=False, port=None, vocab_size=T.VOCAB_SIZE):
-    """sample.py --stream / --port: an on_step for sample.generate that prints every row's notes
-    and pedal changes as JSON lines the moment they are decoded, and plays the first row on a MIDI
-    output in real time, the prompt's last onset at the first new token; -> (on_step, finish),
-    finish() waits for the last notes, releases everything and returns an error or None."""
-    streams = [P.NoteStream(prompt) for _ in range(rows)]
-    player = P.Player(P.open_port(port, "output"), P.Clock()) if port else None
-    info = G.prompt_info(prompt, vocab_size)
-    origin = -(info.segments * T.SEGMENT_MS + (info.last_onset - T.ONSET_START) * T.TIME_STEP_MS)
-
-    def on_step(i, toks):
-        if player and i == 0:  # the music starts with the first new token, not before the prefill
-            player.clock.start = time.perf_counter()
-        for row, (stream, tok) in enumerate(zip(streams, toks), 1):
-            notes, changes = stream.feed(tok)
-            for n in notes:
-                if json_lines:
-                    print(json.dumps(dict(row=row, start_ms=n[0], end_ms=n[1], pitch=n[2], velocity=n[3],
-                                          channel=n[4])), flush=True)
-                if player and row == 1:
-                    player.note(n[0] + origin, n[1] + origin, *n[2:])
-            for t, on in changes:
-                if json_lines:
-                    print(json.dumps(dict(row=row, pedal_ms=t, on=on)), flush=True)
-                if player and row == 1:
-                    player.pedal_change(t + origin, on)
-        return bool(player and player.error)
-
-    def finish():
-        if player is None:
-            return None
-        while player.busy() and not player.error:
-            time.sleep(0.01)
-        stuck = player.close()
-        print(f"played {player.stats['notes']} notes on {port}: {player.stats['late']} late "
-              f"(timeline moved {player.shift:.2f} s), {stuck} stuck",
-              file=sys.stderr if json_lines else sys.stdout)
-        return player.error
-    return on_step, finish
-
 
 
 # -----------------------------------------------------------------------------
@@ -648,7 +598,8 @@ def run(argv=None):
     on_step = finish = None
     if a.stream or a.port:  # notes as they are decoded: JSON lines, the first row played in real time
         try:
-            on_step, finish = stream_notes(ids, a.variations, a.stream, a.port, model.config.vocab_size)
+            last_ms = G.prompt_info(ids, model.config.vocab_size).last_ms
+            on_step, finish = P.stream_notes(ids, a.variations, a.stream, a.port, last_ms)
         except P.LiveError as e:
             raise Fail(str(e)) from None
     try:
@@ -660,9 +611,8 @@ def run(argv=None):
     if error:
         raise Fail(f"{a.port}: {error}")
     log(f"generated {stats['new_tokens']} new tokens ({a.variations} x up to {length}) in "
-          f"{stats['prefill_s'] + stats['decode_s']:.2f} s: {stats['tokens_per_s']:.1f} tokens/s; "
-          f"first new token after {stats['first_token_s']:.2f} s, "
-          f"then {stats['step_s'] * 1e3:.2f} ms per step")
+          f"{stats['prefill_s'] + stats['decode_s']:.2f} s: {stats['tokens_per_s']:.1f} tokens/s; first new "
+          f"token after {stats['first_token_s']:.2f} s, then {stats['step_s'] * 1e3:.2f} ms per step")
 
     out = Path(a.out)
     try:
@@ -675,9 +625,8 @@ def run(argv=None):
             side = {
                 "midi": f"{stem}.mid", "prompt": a.prompt,
                 "prompt_seconds": a.prompt_seconds if a.prompt else None,
-                "checkpoint": str(ckpt_path), "variation": i, "seed": a.seed,
+                "checkpoint": str(ckpt_path), "variation": i, "seed": a.seed, "ended": row[-1] == T.EOS_ID,
                 "n_prompt_tokens": len(ids), "n_new_tokens": len(row) - len(ids),
-                "ended": row[-1] == T.EOS_ID,
                 "n_prompt_notes": len(old), "n_new_notes": len(new),
                 "continuation_only": a.continuation_only, "tokens_per_s": round(stats["tokens_per_s"], 2),
                 "decode_tokens_per_s": round(stats["decode_tokens_per_s"], 2),
