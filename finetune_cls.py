@@ -5,8 +5,7 @@ aria/training/classifier_finetune.py). "Official" is EleutherAI/aria @ b0486c8 w
     python finetune_cls.py --init out/small --labels labels.csv --out out/cls
     python finetune_cls.py --init none --preset small --labels labels.csv --out out/cls_scratch
     python finetune_cls.py --init out/small --labels labels.csv --n_train 100 --out out/cls_n100
-    python finetune_cls.py --init out/small --out out/p8 --labels ../shared/data/pianist8/labels_splits.csv \\
-        --label_col pianist --split_col split_midibert
+    python finetune_cls.py --init out/small --labels p8.csv --label_col pianist --split_col split_midibert
     torchrun --nproc_per_node=8 finetune_cls.py --init aria-medium-base.safetensors --labels ... --out out/cls
     python finetune_cls.py --out out/cls --resume             # continue exactly where it stopped
     python finetune_cls.py --ckpt out/cls --predict a.mid b.mid   # "a.mid<TAB>label<TAB>probability"

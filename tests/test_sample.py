@@ -568,7 +568,7 @@ def test_cli_prompt_seconds_cuts_the_prompt(trained, tmp_path, capsys):
         out = tmp_path / str(seconds)
         (row,) = sample_rows(capsys, trained, out, "--prompt_seconds", seconds, "--length", "40")
         side = sidecars(out)["prompt_1.json"]
-        k = sum(n[0] <= seconds * 1000 for n in source)  # SPEC §D.1: start <= the cut
+        k = sum(n[0] <= seconds * 1000 for n in source)  # official get_inference_prompt: start <= the cut
         assert row[:side["n_prompt_tokens"]] == T.prompt(trained / "prompt.mid", seconds)
         assert side["n_prompt_notes"] == k and side["n_new_notes"] > 0
         notes = T.load_midi(str(out / "prompt_1.mid")).notes
