@@ -159,19 +159,20 @@ class Runner:
     """Runs stage scripts one after the other, prints progress, skips finished stages."""
 
     def __init__(self, args, n_stages):
-        self.args, self.n, self.done, self.t0 = args, n_stages, 0, time.time()
+        self.args, self.n = args, n_stages
+        self.done, self.t0 = 0, time.time()
 
-    def run(self, name, script, *argv, finished=None, out=None, train=False):
-        """Run `script argv` unless finished() says its output is complete; a training stage with a
-        checkpoint but not finished is resumed with --resume."""
+    def run(self, name, script, *argv, finished=(), train=None):
+        """Run `script argv` unless the files `finished` all exist. train: a training stage's output folder;
+        finished when its checkpoint reached max_iters, resumed (--resume) when it has one before."""
         self.done += 1
         elapsed = time.time() - self.t0
         head = f"[{self.done}/{self.n}] {name}"
-        if finished and finished():
+        if (finished_training(train) if train else finished and all(Path(f).is_file() for f in finished)):
             print(f"{head}: done already, skipped", flush=True)
             return
-        if train and out and (Path(out) / "ckpt.pt").is_file():
-            argv = ("--out", str(out), "--resume", "--device", self.args.device, "--workers", str(self.args.workers))
+        if train and (Path(train) / "ckpt.pt").is_file():
+            argv = ("--out", train, "--resume", "--device", self.args.device, "--workers", self.args.workers)
             head += " (resuming)"
         print(f"{head} (elapsed {elapsed / 60:.1f} min)", flush=True)
         cmd = [sys.executable, str(ROOT / script), *map(str, argv)]
@@ -180,30 +181,36 @@ class Runner:
         t = time.time()
         proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                                 env={**os.environ, "PYTHONUNBUFFERED": "1"})
-        tail = []
+        last = "no output"
         for line in proc.stdout:  # the stage's own log lines (step, loss, ETA) as they come
-            print(f"    {line.rstrip()}", flush=True)
-            tail = (tail + [line.rstrip()])[-5:]
-        need(proc.wait() == 0, f"{name} failed ({' '.join(cmd[1:3])} ...): {tail[-1] if tail else 'no output'}")
+            last = line.rstrip()
+            print(f"    {last}", flush=True)
+        need(proc.wait() == 0, f"{name} failed ({' '.join(cmd[1:3])} ...): {last}")
         print(f"    {name}: {time.time() - t:.0f} s", flush=True)
 
 
 def finished_training(out):
     """A training stage is finished when its checkpoint has reached its max_iters."""
-    def check():
-        try:
-            ckpt = torch.load(Path(out) / "ckpt.pt", map_location="cpu", weights_only=True, mmap=True)
-        except (OSError, RuntimeError):
-            return False
-        return ckpt.get("step") == ckpt.get("args", {}).get("max_iters")
-    return check
+    try:
+        ckpt = torch.load(Path(out) / "ckpt.pt", map_location="cpu", weights_only=True, mmap=True)
+    except (OSError, RuntimeError):
+        return False
+    return ckpt.get("step") == ckpt.get("args", {}).get("max_iters")
 
 
-def summary(values):
-    """[x, ...] in [0, 1] -> {"mean", "std", "n", "values"} in percent."""
-    v = [100 * x for x in values]
-    return {"mean": round(statistics.mean(v), 2), "std": round(statistics.stdev(v), 2) if len(v) > 1 else 0.0,
-            "n": len(v), "values": [round(x, 2) for x in v]}
+def summary(runs):
+    """[{"accuracy", "macro_f1"}, ...] in [0, 1] -> per metric {"mean", "std", "n", "values"} in percent."""
+    res = {}
+    for m in ("accuracy", "macro_f1"):
+        v = [100 * x[m] for x in runs]
+        std = round(statistics.stdev(v), 2) if len(v) > 1 else 0.0
+        res[m] = dict(mean=round(statistics.mean(v), 2), std=std, n=len(v), values=[round(x, 2) for x in v])
+    return res
+
+
+def flags(d, keys):
+    """--key value for each of keys in d; max_iters 0 is left out (the script's default: its epochs)."""
+    return [x for k in keys.split() if k != "max_iters" or d[k] for x in (f"--{k}", d[k])]
 
 
 # -----------------------------------------------------------------------------
@@ -223,73 +230,66 @@ def reproduce(args):
     ns = {t["name"]: [n for n in s["n_train"] if n < t["n_train"]] for t in tasks}
     n_stages = 2 + sum(2 + 3 + 3 * len(seeds) + 2 * len(seeds) * (1 + len(ns[t["name"]])) for t in tasks)
     r = Runner(args, n_stages)
-    print(f"reproduce: scale {args.scale} ({s['preset']}), {len(tasks)} task(s), seeds {seeds}, {n_stages} stages "
-          f"-> {out}", flush=True)
+    print(f"reproduce: scale {args.scale} ({s['preset']}), {len(tasks)} task(s), seeds {seeds}, "
+          f"{n_stages} stages -> {out}", flush=True)
 
     # 1. data and pretraining (paper §3.2)
     data = out / "data"
-    r.run("prepare", "prepare.py", *args.data, "--out", data, finished=lambda: (data / "meta.json").is_file())
+    r.run("prepare", "prepare.py", *args.data, "--out", data, finished=[data / "meta.json"])
     pre = out / "pretrain"
     its = ["--max_iters", s["pretrain_iters"]] if s["pretrain_iters"] else []
-    r.run("pretrain", "pretrain.py", "--data", data, "--out", pre, "--preset", s["preset"], "--seq_len", s["seq_len"],
-          "--batch_size", s["batch"], "--lr", s["lr"], "--warmup", s["warmup"], *its, "--eval_interval", 0,
-          "--log_interval", 20, *dev, *work, finished=finished_training(pre), out=pre, train=True)
+    r.run("pretrain", "pretrain.py", "--data", data, "--out", pre, "--batch_size", s["batch"], *its,
+          *flags(s, "preset seq_len lr warmup"), "--eval_interval", 0, "--log_interval", 20, *dev, *work,
+          train=pre)
 
     results = {"scale": args.scale, "settings": s, "seeds": seeds, "tasks": {}}
     for t in tasks:
         name, tdir = t["name"], out / t["name"]
         csv_args = ["--label_col", t["label_col"], "--split_col", t["split_col"]]
+        probe = ["--probe", t["csv"], *csv_args]
         rows = {}
 
         # 2. contrastive embeddings (paper §3.3): from the pretrained LM and from random init
-        c = s["ctr"]
-        ctr = ["--data", data, "--emb_size", 512, "--batch_size", c["batch_size"], "--lr", c["lr"], "--max_len", c["max_len"],
-               "--min_notes", c["min_notes"], "--max_notes", c["max_notes"], "--log_interval", 10, *dev, *work,
-               *(["--max_iters", c["max_iters"]] if c["max_iters"] else [])]
+        ctr = ["--data", data, "--emb_size", 512, "--log_interval", 10, *dev, *work,
+               *flags(s["ctr"], "batch_size lr max_len min_notes max_notes max_iters")]
         emb_dirs = {"Aria_Emb": tdir / "emb_pretrained", "Aria†": tdir / "emb_scratch"}
-        r.run("contrastive from the pretrained LM (Aria_Emb)", "finetune_contrastive.py", "--init", pre, *ctr,
-              "--out", emb_dirs["Aria_Emb"], finished=finished_training(emb_dirs["Aria_Emb"]), out=emb_dirs["Aria_Emb"],
-              train=True)
-        r.run("contrastive from random init (Aria†)", "finetune_contrastive.py", "--init", "none", "--preset", s["preset"],
-              *ctr, "--out", emb_dirs["Aria†"], finished=finished_training(emb_dirs["Aria†"]), out=emb_dirs["Aria†"],
-              train=True)
+        for row, init in (("Aria_Emb", [pre]), ("Aria†", ["none", "--preset", s["preset"]])):
+            r.run(f"contrastive from {'the pretrained LM' if init[0] == pre else 'random init'} ({row})",
+                  "finetune_contrastive.py", "--init", *init, *ctr, "--out", emb_dirs[row],
+                  train=emb_dirs[row])
 
         # 3. embeddings of the task's files, then the linear probe over seeds (paper §4.1)
-        e = s["emb"]
-        chunking = ["--notes_per_chunk", e["notes_per_chunk"], "--max_len", e["max_len"], "--max_chunks", e["max_chunks"]]
-        sources = {"Aria_Emb": (emb_dirs["Aria_Emb"], "emb"), "Aria†": (emb_dirs["Aria†"], "emb"),
-                   "LM at <E>": (pre, "hidden")}
-        for row, (ckpt, head) in sources.items():
-            npy = tdir / f"emb_{row.replace(' ', '_').replace('<', '').replace('>', '').replace('†', 'dagger')}.npy"
-            r.run(f"embed {name} ({row})", "embed.py", "--ckpt", ckpt, "--head", head, "--probe", t["csv"], *csv_args,
-                  *chunking, "--out", npy, *dev, finished=lambda npy=npy: npy.is_file() and npy.with_suffix(".files.txt").is_file())
+        chunking = flags(s["emb"], "notes_per_chunk max_len max_chunks")
+        sources = {"Aria_Emb": (emb_dirs["Aria_Emb"], "emb", "Aria_Emb"),
+                   "Aria†": (emb_dirs["Aria†"], "emb", "Ariadagger"), "LM at <E>": (pre, "hidden", "LM_at_E")}
+        for row, (ckpt, head, stem) in sources.items():
+            npy = tdir / f"emb_{stem}.npy"
+            r.run(f"embed {name} ({row})", "embed.py", "--ckpt", ckpt, "--head", head, *probe, *chunking,
+                  "--out", npy, *dev, finished=[npy, npy.with_suffix(".files.txt")])
             runs = []
             for seed in seeds:
                 res = npy.with_name(f"{npy.stem}_probe{seed}.json")
-                r.run(f"probe {name} ({row}, seed {seed})", "embed.py", "--emb", npy, "--probe", t["csv"], *csv_args,
-                      "--seed", seed, "--probe_out", res, finished=res.is_file)
+                r.run(f"probe {name} ({row}, seed {seed})", "embed.py", "--emb", npy, *probe, "--seed", seed,
+                      "--probe_out", res, finished=[res])
                 runs.append(json.loads(res.read_text())["best"]["test"])
-            rows[row] = {"accuracy": summary([x["accuracy"] for x in runs]), "macro_f1": summary([x["macro_f1"] for x in runs])}
+            rows[row] = summary(runs)
 
-        # 4. classifier finetuning (paper §4.1): from the pretrained LM and from random init, all labels and n_train
-        k = s["cls"]
-        cls = ["--labels", t["csv"], *csv_args, "--slice_len", k["slice_len"], "--batch_size", k["batch_size"],
-               "--lr", k["lr"], "--epochs", k["epochs"], "--log_interval", 10, *dev, *work,
-               *(["--max_iters", k["max_iters"]] if k["max_iters"] else [])]
-        for init, label in ((pre, "Aria_Ft"), ("none", "scratch_Ft")):
+        # 4. classifier finetuning (paper §4.1) from the pretrained LM and random init: all labels, n_train
+        cls = ["--labels", t["csv"], *csv_args, "--log_interval", 10, *dev, *work,
+               *flags(s["cls"], "slice_len batch_size lr epochs max_iters")]
+        for label, kind, init in (("Aria_Ft", "pretrained", [pre]),
+                                  ("scratch_Ft", "scratch", ["none", "--preset", s["preset"]])):
             for n in [None] + ns[name]:
                 row = label if n is None else f"{label} n={n}"
                 runs = []
                 for seed in seeds:
-                    d = tdir / f"cls_{'pretrained' if init == pre else 'scratch'}_{n or 'all'}_s{seed}"
-                    extra = (["--preset", s["preset"]] if init == "none" else []) + (["--n_train", n] if n else [])
-                    r.run(f"classifier {name} ({row}, seed {seed})", "finetune_cls.py", "--init", init, *cls, *extra,
-                          "--seed", seed, "--out", d, finished=finished_training(d), out=d, train=True)
+                    d = tdir / f"cls_{kind}_{n or 'all'}_s{seed}"
+                    r.run(f"classifier {name} ({row}, seed {seed})", "finetune_cls.py", "--init", *init, *cls,
+                          *(["--n_train", n] if n else []), "--seed", seed, "--out", d, train=d)
                     runs.append(json.loads((d / "results.json").read_text())["best"]["test"])
-                rows[row] = {"accuracy": summary([x["accuracy"] for x in runs]),
-                             "macro_f1": summary([x["macro_f1"] for x in runs])}
-        results["tasks"][name] = {"csv": t["csv"], "label_col": t["label_col"], "classes": t["classes"],
-                                  "train_files": t["n_train"], "split": t["split"], "split_col": t["split_col"], "rows": rows}
+                rows[row] = summary(runs)
+        results["tasks"][name] = dict(csv=t["csv"], label_col=t["label_col"], classes=t["classes"],
+                                      train_files=t["n_train"], split=t["split"], split_col=t["split_col"], rows=rows)
 
     write_results(out, results)
     print(f"reproduce: done in {(time.time() - r.t0) / 60:.1f} min; {out / 'results.md'}", flush=True)
