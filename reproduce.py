@@ -289,7 +289,8 @@ def reproduce(args):
                     runs.append(json.loads((d / "results.json").read_text())["best"]["test"])
                 rows[row] = summary(runs)
         results["tasks"][name] = dict(csv=t["csv"], label_col=t["label_col"], classes=t["classes"],
-                                      train_files=t["n_train"], split=t["split"], split_col=t["split_col"], rows=rows)
+                                      train_files=t["n_train"], split=t["split"], split_col=t["split_col"],
+                                      rows=rows)
 
     write_results(out, results)
     print(f"reproduce: done in {(time.time() - r.t0) / 60:.1f} min; {out / 'results.md'}", flush=True)
@@ -299,20 +300,21 @@ def reproduce(args):
 
 def write_results(out, results):
     s = results["settings"]
+    cell = lambda x: f"{x['mean']:.1f} ± {x['std']:.1f}"  # noqa: E731
     lines = [f"# Table 2 at scale `{results['scale']}`", "",
-             f"Model `{s['preset']}`; pretraining {s['pretrain_iters'] or '75 epochs'} steps of {s['batch']} x {s['seq_len']} "
-             f"tokens; contrastive {s['ctr']}; embeddings {s['emb']}; classifier {s['cls']}; "
+             f"Model `{s['preset']}`; pretraining {s['pretrain_iters'] or '75 epochs'} steps of {s['batch']} x "
+             f"{s['seq_len']} tokens; contrastive {s['ctr']}; embeddings {s['emb']}; classifier {s['cls']}; "
              f"{len(results['seeds'])} seeds per probe and classifier finetune (mean ± std, test split).", ""]
     for name, task in results["tasks"].items():
         paper = PAPER.get(name, {})
         split = (f"split: column `{task['split_col']}` of the CSV" if task["split"] == "csv" else
-                 "split: no split column, so the deterministic stratified split of finetune_cls.py (80/10/10 per class, "
-                 "by a hash of each path; the same files in every stage)")
-        lines += [f"## {name} ({task['classes']} classes, {task['train_files']} training files)", "", split + ".", "",
+                 "split: no split column, so the deterministic stratified split of finetune_cls.py "
+                 "(80/10/10 per class, by a hash of each path; the same files in every stage)")
+        lines += [f"## {name} ({task['classes']} classes, {task['train_files']} training files)", "",
+                  split + ".", "",
                   "| row | accuracy | macro-F1 |" + (" paper (medium) acc / F1 |" if paper else ""),
                   "|---|---|---|" + ("---|" if paper else "")]
         for row, m in task["rows"].items():
-            cell = lambda x: f"{x['mean']:.1f} ± {x['std']:.1f}"  # noqa: E731
             ref = paper.get(row)
             lines.append(f"| {row} | {cell(m['accuracy'])} | {cell(m['macro_f1'])} |"
                          + (f" {ref[0]:.1f} / {ref[1]:.1f} |" if ref else " |" if paper else ""))
