@@ -1,36 +1,36 @@
 """
 The paper's tables. Table 2 (linear probes and classifier finetuning, paper §4.1) at a scale you can afford,
-in one command: prepare, pretrain, then per task the embedding and finetuning comparisons, each with
-the stage scripts as a user would run them (subprocesses; torchrun with --nproc > 1).
+in one command: prepare, pretrain, then per task the embedding and finetuning comparisons, each with the stage
+scripts as a user would run them (subprocesses; torchrun with --nproc > 1).
 
-    python reproduce.py --scale tiny --out out/repro_tiny \\
-        --data ../shared/data/maestro_v2 ../shared/data/pop909 ../shared/data/pop1k7 ../shared/data/piano_midi_de \\
+    python reproduce.py --scale tiny --out out/repro_tiny --data ../shared/data/maestro_v2 \\
+        ../shared/data/pop909 ../shared/data/pop1k7 ../shared/data/piano_midi_de \\
         --task ../shared/data/pianist8/labels_splits.csv:pianist:split_midibert
     python reproduce.py --scale small ...                  # one GPU
     python reproduce.py --scale medium --nproc 8 ...       # the paper's model, 8 GPUs (not run here)
 
-Per task (LABELS.csv:LABEL_COL[:SPLIT_COL], paths relative to the CSV, split train/valid/test; a CSV
-without a split column gets finetune_cls.py's deterministic stratified 80/10/10 split, in every stage):
-  Aria_Emb      finetune_contrastive.py from the pretrained LM, then embed.py's linear probe (paper §3.3, §4.1)
-  Aria†         the same contrastive recipe from random init (Table 2's e=25†)
-  LM at <E>     the pretrained LM's final hidden state at <E>, probed: the floor the contrastive stage must beat
-  Aria_Ft       finetune_cls.py from the pretrained LM, all labels and --n_train N (Table 2's n=100..)
-  scratch_Ft    the same classifier finetunes from random init
-Probes and classifier finetunes run over --seeds seeds and are reported as mean ± std; a contrastive
-model is trained once per variant (seed 0) and the spread of its row is that of the probe. Test
-metrics: the probe's best of 10/20/50 epochs (as the paper); the classifier's test accuracy at its
-best valid epoch (the paper reports the best epoch). One Pianist8 test file is worth 2.7 points:
-a difference within the spread is no difference.
+Per task (LABELS.csv:LABEL_COL[:SPLIT_COL], paths relative to the CSV, split train/valid/test; a CSV without
+a split column gets finetune_cls.py's deterministic stratified 80/10/10 split, in every stage):
+  Aria_Emb    finetune_contrastive.py from the pretrained LM, then embed.py's linear probe (paper §3.3, §4.1)
+  Aria†       the same contrastive recipe from random init (Table 2's e=25†)
+  LM at <E>   the pretrained LM's final hidden state at <E>, probed: the floor the contrastive stage must beat
+  Aria_Ft     finetune_cls.py from the pretrained LM, all labels and --n_train N (Table 2's n=100..)
+  scratch_Ft  the same classifier finetunes from random init
+Probes and classifier finetunes run over --seeds seeds and are reported as mean ± std; a contrastive model is
+trained once per variant (seed 0) and the spread of its row is that of the probe. Test metrics: the probe's
+best of 10/20/50 epochs (as the paper); the classifier's test accuracy at its best valid epoch (the paper
+reports the best epoch). One Pianist8 test file is worth 2.7 points: a difference within the spread is none.
 
-Each stage writes into OUT/<stage>; a stage whose folder holds a finished result is skipped when the
-command is repeated, and an interrupted training stage is resumed (--resume), so a long run survives
-interruptions. OUT/results.json and OUT/results.md hold the tables, with the scale's settings.
+Each stage writes into OUT/<stage>; a stage whose folder holds a finished result is skipped when the command
+is repeated, and an interrupted training stage is resumed (--resume), so a long run survives interruptions.
+OUT/results.json and OUT/results.md hold the tables, with the scale's settings.
 
 Table 1 (paper §4: listeners compare 45-s continuations of 15-s prompts, A/B; binomial tests) trains nothing:
     python reproduce.py --table 1 --prompts HELD_OUT_MIDI/ --ckpt out/pretrain [more checkpoints]  # the kit
     python reproduce.py --table 1 --metrics --train data/mine    # objective metrics, no listeners
     python reproduce.py --table 1 --answers answers_*.csv        # the table, from the listeners' CSVs
-The kit (OUT/table1/): clips/ID.mid, audio/ID.ogg, index.html (from table1.html), kit.json, key.json (docs/table1.md).
+The kit (OUT/table1/; docs/table1.md): clips/ID.mid, audio/ID.ogg, index.html (from table1.html), kit.json,
+key.json.
 """
 import argparse
 import csv
@@ -64,28 +64,21 @@ PAPER = {"pianist8": {"Aria_Emb": (91.57, 92.38), "Aria†": (84.34, 84.56), "Ar
 # What each scale runs. tiny fits 45 minutes on 2 CPU cores, small 30 minutes on one H100; medium is
 # the paper's recipe (§4.1) for 8 GPUs. Shorter runs than the paper's everywhere below medium: the
 # learning rates are raised for the small models and few steps (as the README's quick start does).
-SCALES = {
-    "smoke": dict(preset="tiny", seq_len=128, batch=8, pretrain_iters=30, lr=1e-3, warmup=5,
-                  ctr=dict(max_iters=8, batch_size=4, lr=1e-4, max_len=256, min_notes=20, max_notes=60),
-                  emb=dict(notes_per_chunk=60, max_len=256, max_chunks=2),
-                  cls=dict(slice_len=128, batch_size=8, lr=1e-4, epochs=1, max_iters=6),
-                  n_train=[6], seeds=2),
-    "tiny": dict(preset="tiny", seq_len=256, batch=16, pretrain_iters=1000, lr=1e-3, warmup=100,
-                 ctr=dict(max_iters=250, batch_size=16, lr=1e-4, max_len=512, min_notes=50, max_notes=160),
-                 emb=dict(notes_per_chunk=150, max_len=512, max_chunks=4),
-                 cls=dict(slice_len=512, batch_size=16, lr=3e-4, epochs=10, max_iters=80),
-                 n_train=[100], seeds=3),
-    "small": dict(preset="small", seq_len=2048, batch=16, pretrain_iters=3000, lr=3e-4, warmup=300,
-                  ctr=dict(max_iters=600, batch_size=32, lr=3e-5, max_len=1024, min_notes=100, max_notes=330),
-                  emb=dict(notes_per_chunk=300, max_len=1024, max_chunks=0),
-                  cls=dict(slice_len=1024, batch_size=16, lr=3e-5, epochs=10, max_iters=300),
-                  n_train=[100], seeds=3),
-    "medium": dict(preset="medium", seq_len=8192, batch=16, pretrain_iters=0, lr=3e-4, warmup=1000,  # 0: 75 epochs
-                   ctr=dict(max_iters=0, batch_size=16, lr=1e-5, max_len=2048, min_notes=100, max_notes=650),
-                   emb=dict(notes_per_chunk=300, max_len=2048, max_chunks=0),
-                   cls=dict(slice_len=1024, batch_size=16, lr=1e-5, epochs=10, max_iters=0),
-                   n_train=[100, 200, 500, 1000], seeds=3),
+SCALES = {  # preset, seq_len, batch, pretrain_iters (0: 75 epochs), lr, warmup, ctr, emb, cls, n_train, seeds
+    "smoke": ("tiny", 128, 8, 30, 1e-3, 5, (8, 4, 1e-4, 256, 20, 60), (60, 256, 2),
+              (128, 8, 1e-4, 1, 6), [6], 2),
+    "tiny": ("tiny", 256, 16, 1000, 1e-3, 100, (250, 16, 1e-4, 512, 50, 160), (150, 512, 4),
+             (512, 16, 3e-4, 10, 80), [100], 3),
+    "small": ("small", 2048, 16, 3000, 3e-4, 300, (600, 32, 3e-5, 1024, 100, 330), (300, 1024, 0),
+              (1024, 16, 3e-5, 10, 300), [100], 3),
+    "medium": ("medium", 8192, 16, 0, 3e-4, 1000, (0, 16, 1e-5, 2048, 100, 650), (300, 2048, 0),
+               (1024, 16, 1e-5, 10, 0), [100, 200, 500, 1000], 3),
 }
+SCALES = {name: dict(zip("preset seq_len batch pretrain_iters lr warmup".split(), v[:6]),
+                     ctr=dict(zip("max_iters batch_size lr max_len min_notes max_notes".split(), v[6])),
+                     emb=dict(zip("notes_per_chunk max_len max_chunks".split(), v[7])),
+                     cls=dict(zip("slice_len batch_size lr epochs max_iters".split(), v[8])),
+                     n_train=v[9], seeds=v[10]) for name, v in SCALES.items()}
 
 
 class Fail(Exception):
@@ -98,44 +91,51 @@ def need(ok, message):
 
 
 def get_args(argv=None):
-    ap = argparse.ArgumentParser(description="Reproduce the paper's Table 2 (stage scripts) or Table 1 (listening test).",
-                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    ap = argparse.ArgumentParser(description="Reproduce the paper's Table 2 (stage scripts) or Table 1 "
+                                 "(listening test).", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     ap.add_argument("--table", type=int, default=2, choices=[1, 2], help="which of the paper's tables")
-    ap.add_argument("--out", default="out/reproduce", help="Table 2: every stage, results.json/.md; Table 1: OUT/table1")
+    ap.add_argument("--out", default="out/reproduce",
+                    help="Table 2: every stage, results.json/.md; Table 1: OUT/table1")
     ap.add_argument("--device", default="auto", help="cpu, cuda or auto, for every stage (Table 1: sampling)")
-    t2 = ap.add_argument_group("Table 2")
-    t2.add_argument("--scale", default="tiny", choices=list(SCALES), help="model size, steps and batch of every stage")
-    t2.add_argument("--data", nargs="+", metavar="DIR", help="MIDI folders to pretrain on (prepare.py); required")
-    t2.add_argument("--task", nargs="+", metavar="LABELS.csv:LABEL_COL[:SPLIT_COL]",
-                    help="classification tasks (required); the split column says train/valid/test (default column: "
-                         "split; without it, a deterministic stratified 80/10/10 split per class, model.stratified_split)")
-    t2.add_argument("--seeds", type=int, default=None, help="seeds per probe and classifier finetune (default: the scale's)")
-    t2.add_argument("--nproc", type=int, default=1, help="processes per training stage (torchrun) for multi-GPU scales")
-    t2.add_argument("--workers", type=int, default=2, help="data loader workers of the training stages")
-    t1 = ap.add_argument_group("Table 1 (paper §4)")
-    t1.add_argument("--prompts", metavar="DIR", help="held-out MIDI to cut the prompts from: builds the kit")
-    t1.add_argument("--ckpt", nargs="+", default=[], help="checkpoints to test (as sample.py's --ckpt), one system each")
-    t1.add_argument("--n_prompts", type=int, default=5, help="prompts, drawn by --seed (paper: 5)")
-    t1.add_argument("--n_continuations", type=int, default=8, help="per prompt and checkpoint (paper: 8)")
-    t1.add_argument("--prompt_seconds", type=float, default=15.0, help="prompt length (paper: 15 s)")
-    t1.add_argument("--continuation_seconds", type=float, default=45.0, help="continuation length (paper: 45 s)")
-    t1.add_argument("--temp", type=float, default=0.98, help="sampling temperature (sample.py's, official)")
-    t1.add_argument("--min_p", type=float, default=0.035, help="min-p sampling (sample.py's, official)")
-    t1.add_argument("--seed", type=int, default=0, help="draws the prompts and the clips' order; prompt i samples with seed + i")
-    t1.add_argument("--trials", type=int, default=40, help="A/B trials per listener, every pair of systems equally often (the paper: not said)")
-    t1.add_argument("--with_repeat", action="store_true", help="also put the naive repeat in the listening test")
-    t1.add_argument("--soundfont", default="/usr/share/sounds/sf2/FluidR3_GM.sf2", help="GM sound font (the paper: Pianoteq); none: MIDI only")
-    t1.add_argument("--answers", nargs="+", metavar="CSV", help="the listeners' CSVs (from index.html): the table")
-    t1.add_argument("--min_training", type=float, default=1.0, help="leave out listeners with fewer years of training (paper)")
-    t1.add_argument("--metrics", action="store_true", help="objective metrics of the kit: OUT/table1/metrics.json")
-    t1.add_argument("--train", metavar="DATASET", help="with --metrics: a prepare.py dataset to find copied notes in")
+    t2 = ap.add_argument_group("Table 2").add_argument
+    t2("--scale", default="tiny", choices=list(SCALES), help="model size, steps and batch of every stage")
+    t2("--data", nargs="+", metavar="DIR", help="MIDI folders to pretrain on (prepare.py); required")
+    t2("--task", nargs="+", metavar="LABELS.csv:LABEL_COL[:SPLIT_COL]",
+       help="classification tasks (required); the split column says train/valid/test (default column: split; "
+            "without it, a deterministic stratified 80/10/10 split per class, model.stratified_split)")
+    t2("--seeds", type=int, default=None,
+       help="seeds per probe and classifier finetune (default: the scale's)")
+    t2("--nproc", type=int, default=1, help="processes per training stage (torchrun) for multi-GPU scales")
+    t2("--workers", type=int, default=2, help="data loader workers of the training stages")
+    t1 = ap.add_argument_group("Table 1 (paper §4)").add_argument
+    t1("--prompts", metavar="DIR", help="held-out MIDI to cut the prompts from: builds the kit")
+    t1("--ckpt", nargs="+", default=[], help="checkpoints to test (as sample.py's --ckpt), one system each")
+    t1("--n_prompts", type=int, default=5, help="prompts, drawn by --seed (paper: 5)")
+    t1("--n_continuations", type=int, default=8, help="per prompt and checkpoint (paper: 8)")
+    t1("--prompt_seconds", type=float, default=15.0, help="prompt length (paper: 15 s)")
+    t1("--continuation_seconds", type=float, default=45.0, help="continuation length (paper: 45 s)")
+    t1("--temp", type=float, default=0.98, help="sampling temperature (sample.py's, official)")
+    t1("--min_p", type=float, default=0.035, help="min-p sampling (sample.py's, official)")
+    t1("--seed", type=int, default=0,
+       help="draws the prompts and the clips' order; prompt i samples with seed + i")
+    t1("--trials", type=int, default=40,
+       help="A/B trials per listener, every pair of systems equally often (the paper: not said)")
+    t1("--with_repeat", action="store_true", help="also put the naive repeat in the listening test")
+    t1("--soundfont", default="/usr/share/sounds/sf2/FluidR3_GM.sf2",
+       help="GM sound font (the paper: Pianoteq); none: MIDI only")
+    t1("--answers", nargs="+", metavar="CSV", help="the listeners' CSVs (from index.html): the table")
+    t1("--min_training", type=float, default=1.0,
+       help="leave out listeners with fewer years of training (paper)")
+    t1("--metrics", action="store_true", help="objective metrics of the kit: OUT/table1/metrics.json")
+    t1("--train", metavar="DATASET", help="with --metrics: a prepare.py dataset to find copied notes in")
     return ap.parse_args(argv)
 
 
 def parse_task(spec):
     parts = spec.split(":")
     need(len(parts) in (2, 3) and parts[0], f"--task {spec!r}: expected LABELS.csv:LABEL_COL[:SPLIT_COL]")
-    path, label_col, split_col = Path(parts[0]), parts[1], parts[2] if len(parts) == 3 else "split"
+    path, label_col = Path(parts[0]), parts[1]
+    split_col = parts[2] if len(parts) == 3 else "split"
     need(path.is_file(), f"{path}: no such labels file (--task)")
     with open(path, newline="", encoding="utf-8-sig") as f:
         rows = list(csv.DictReader(f))
@@ -143,11 +143,12 @@ def parse_task(spec):
     need(rows and "path" in rows[0] and label_col in rows[0] and (len(parts) == 2 or has_split),
          f"{path}: needs columns path, {label_col!r}" + (f" and {split_col!r}" if len(parts) == 3 else ""))
     # no split column: the stages split as finetune_cls.py does (the same files in every stage)
-    splits = [r[split_col] for r in rows] if has_split else TR.stratified_split([r["path"].strip() for r in rows],
-                                                                                 [r[label_col].strip() for r in rows])
+    splits = ([r[split_col] for r in rows] if has_split else
+              TR.stratified_split([r["path"].strip() for r in rows], [r[label_col].strip() for r in rows]))
     name = path.parent.name if path.stem in ("labels", "labels_splits") else path.stem
-    return dict(name=name, csv=str(path), label_col=label_col, split_col=split_col, classes=len({r[label_col] for r in rows}),
-                n_train=sum(s.strip().lower() == "train" for s in splits), split="csv" if has_split else "stratified")
+    return dict(name=name, csv=str(path), label_col=label_col, split_col=split_col,
+                classes=len({r[label_col] for r in rows}), split="csv" if has_split else "stratified",
+                n_train=sum(s.strip().lower() == "train" for s in splits))
 
 
 # -----------------------------------------------------------------------------
@@ -158,19 +159,20 @@ class Runner:
     """Runs stage scripts one after the other, prints progress, skips finished stages."""
 
     def __init__(self, args, n_stages):
-        self.args, self.n, self.done, self.t0 = args, n_stages, 0, time.time()
+        self.args, self.n = args, n_stages
+        self.done, self.t0 = 0, time.time()
 
-    def run(self, name, script, *argv, finished=None, out=None, train=False):
-        """Run `script argv` unless finished() says its output is complete; a training stage with a
-        checkpoint but not finished is resumed with --resume."""
+    def run(self, name, script, *argv, finished=(), train=None):
+        """Run `script argv` unless the files `finished` all exist. train: a training stage's output folder;
+        finished when its checkpoint reached max_iters, resumed (--resume) when it has one before."""
         self.done += 1
         elapsed = time.time() - self.t0
         head = f"[{self.done}/{self.n}] {name}"
-        if finished and finished():
+        if (finished_training(train) if train else finished and all(Path(f).is_file() for f in finished)):
             print(f"{head}: done already, skipped", flush=True)
             return
-        if train and out and (Path(out) / "ckpt.pt").is_file():
-            argv = ("--out", str(out), "--resume", "--device", self.args.device, "--workers", str(self.args.workers))
+        if train and (Path(train) / "ckpt.pt").is_file():
+            argv = ("--out", train, "--resume", "--device", self.args.device, "--workers", self.args.workers)
             head += " (resuming)"
         print(f"{head} (elapsed {elapsed / 60:.1f} min)", flush=True)
         cmd = [sys.executable, str(ROOT / script), *map(str, argv)]
@@ -179,30 +181,36 @@ class Runner:
         t = time.time()
         proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                                 env={**os.environ, "PYTHONUNBUFFERED": "1"})
-        tail = []
+        last = "no output"
         for line in proc.stdout:  # the stage's own log lines (step, loss, ETA) as they come
-            print(f"    {line.rstrip()}", flush=True)
-            tail = (tail + [line.rstrip()])[-5:]
-        need(proc.wait() == 0, f"{name} failed ({' '.join(cmd[1:3])} ...): {tail[-1] if tail else 'no output'}")
+            last = line.rstrip()
+            print(f"    {last}", flush=True)
+        need(proc.wait() == 0, f"{name} failed ({' '.join(cmd[1:3])} ...): {last}")
         print(f"    {name}: {time.time() - t:.0f} s", flush=True)
 
 
 def finished_training(out):
     """A training stage is finished when its checkpoint has reached its max_iters."""
-    def check():
-        try:
-            ckpt = torch.load(Path(out) / "ckpt.pt", map_location="cpu", weights_only=True, mmap=True)
-        except (OSError, RuntimeError):
-            return False
-        return ckpt.get("step") == ckpt.get("args", {}).get("max_iters")
-    return check
+    try:
+        ckpt = torch.load(Path(out) / "ckpt.pt", map_location="cpu", weights_only=True, mmap=True)
+    except (OSError, RuntimeError):
+        return False
+    return ckpt.get("step") == ckpt.get("args", {}).get("max_iters")
 
 
-def summary(values):
-    """[x, ...] in [0, 1] -> {"mean", "std", "n", "values"} in percent."""
-    v = [100 * x for x in values]
-    return {"mean": round(statistics.mean(v), 2), "std": round(statistics.stdev(v), 2) if len(v) > 1 else 0.0,
-            "n": len(v), "values": [round(x, 2) for x in v]}
+def summary(runs):
+    """[{"accuracy", "macro_f1"}, ...] in [0, 1] -> per metric {"mean", "std", "n", "values"} in percent."""
+    res = {}
+    for m in ("accuracy", "macro_f1"):
+        v = [100 * x[m] for x in runs]
+        std = round(statistics.stdev(v), 2) if len(v) > 1 else 0.0
+        res[m] = dict(mean=round(statistics.mean(v), 2), std=std, n=len(v), values=[round(x, 2) for x in v])
+    return res
+
+
+def flags(d, keys):
+    """--key value for each of keys in d; max_iters 0 is left out (the script's default: its epochs)."""
+    return [x for k in keys.split() if k != "max_iters" or d[k] for x in (f"--{k}", d[k])]
 
 
 # -----------------------------------------------------------------------------
@@ -222,73 +230,67 @@ def reproduce(args):
     ns = {t["name"]: [n for n in s["n_train"] if n < t["n_train"]] for t in tasks}
     n_stages = 2 + sum(2 + 3 + 3 * len(seeds) + 2 * len(seeds) * (1 + len(ns[t["name"]])) for t in tasks)
     r = Runner(args, n_stages)
-    print(f"reproduce: scale {args.scale} ({s['preset']}), {len(tasks)} task(s), seeds {seeds}, {n_stages} stages "
-          f"-> {out}", flush=True)
+    print(f"reproduce: scale {args.scale} ({s['preset']}), {len(tasks)} task(s), seeds {seeds}, "
+          f"{n_stages} stages -> {out}", flush=True)
 
     # 1. data and pretraining (paper §3.2)
     data = out / "data"
-    r.run("prepare", "prepare.py", *args.data, "--out", data, finished=lambda: (data / "meta.json").is_file())
+    r.run("prepare", "prepare.py", *args.data, "--out", data, finished=[data / "meta.json"])
     pre = out / "pretrain"
     its = ["--max_iters", s["pretrain_iters"]] if s["pretrain_iters"] else []
-    r.run("pretrain", "pretrain.py", "--data", data, "--out", pre, "--preset", s["preset"], "--seq_len", s["seq_len"],
-          "--batch_size", s["batch"], "--lr", s["lr"], "--warmup", s["warmup"], *its, "--eval_interval", 0,
-          "--log_interval", 20, *dev, *work, finished=finished_training(pre), out=pre, train=True)
+    r.run("pretrain", "pretrain.py", "--data", data, "--out", pre, "--batch_size", s["batch"], *its,
+          *flags(s, "preset seq_len lr warmup"), "--eval_interval", 0, "--log_interval", 20, *dev, *work,
+          train=pre)
 
     results = {"scale": args.scale, "settings": s, "seeds": seeds, "tasks": {}}
     for t in tasks:
         name, tdir = t["name"], out / t["name"]
         csv_args = ["--label_col", t["label_col"], "--split_col", t["split_col"]]
+        probe = ["--probe", t["csv"], *csv_args]
         rows = {}
 
         # 2. contrastive embeddings (paper §3.3): from the pretrained LM and from random init
-        c = s["ctr"]
-        ctr = ["--data", data, "--emb_size", 512, "--batch_size", c["batch_size"], "--lr", c["lr"], "--max_len", c["max_len"],
-               "--min_notes", c["min_notes"], "--max_notes", c["max_notes"], "--log_interval", 10, *dev, *work,
-               *(["--max_iters", c["max_iters"]] if c["max_iters"] else [])]
+        ctr = ["--data", data, "--emb_size", 512, "--log_interval", 10, *dev, *work,
+               *flags(s["ctr"], "batch_size lr max_len min_notes max_notes max_iters")]
         emb_dirs = {"Aria_Emb": tdir / "emb_pretrained", "Aria†": tdir / "emb_scratch"}
-        r.run("contrastive from the pretrained LM (Aria_Emb)", "finetune_contrastive.py", "--init", pre, *ctr,
-              "--out", emb_dirs["Aria_Emb"], finished=finished_training(emb_dirs["Aria_Emb"]), out=emb_dirs["Aria_Emb"],
-              train=True)
-        r.run("contrastive from random init (Aria†)", "finetune_contrastive.py", "--init", "none", "--preset", s["preset"],
-              *ctr, "--out", emb_dirs["Aria†"], finished=finished_training(emb_dirs["Aria†"]), out=emb_dirs["Aria†"],
-              train=True)
+        for row, init in (("Aria_Emb", [pre]), ("Aria†", ["none", "--preset", s["preset"]])):
+            r.run(f"contrastive from {'the pretrained LM' if init[0] == pre else 'random init'} ({row})",
+                  "finetune_contrastive.py", "--init", *init, *ctr, "--out", emb_dirs[row],
+                  train=emb_dirs[row])
 
         # 3. embeddings of the task's files, then the linear probe over seeds (paper §4.1)
-        e = s["emb"]
-        chunking = ["--notes_per_chunk", e["notes_per_chunk"], "--max_len", e["max_len"], "--max_chunks", e["max_chunks"]]
-        sources = {"Aria_Emb": (emb_dirs["Aria_Emb"], "emb"), "Aria†": (emb_dirs["Aria†"], "emb"),
-                   "LM at <E>": (pre, "hidden")}
-        for row, (ckpt, head) in sources.items():
-            npy = tdir / f"emb_{row.replace(' ', '_').replace('<', '').replace('>', '').replace('†', 'dagger')}.npy"
-            r.run(f"embed {name} ({row})", "embed.py", "--ckpt", ckpt, "--head", head, "--probe", t["csv"], *csv_args,
-                  *chunking, "--out", npy, *dev, finished=lambda npy=npy: npy.is_file() and npy.with_suffix(".files.txt").is_file())
+        chunking = flags(s["emb"], "notes_per_chunk max_len max_chunks")
+        sources = {"Aria_Emb": (emb_dirs["Aria_Emb"], "emb", "Aria_Emb"),
+                   "Aria†": (emb_dirs["Aria†"], "emb", "Ariadagger"), "LM at <E>": (pre, "hidden", "LM_at_E")}
+        for row, (ckpt, head, stem) in sources.items():
+            npy = tdir / f"emb_{stem}.npy"
+            r.run(f"embed {name} ({row})", "embed.py", "--ckpt", ckpt, "--head", head, *probe, *chunking,
+                  "--out", npy, *dev, finished=[npy, npy.with_suffix(".files.txt")])
             runs = []
             for seed in seeds:
                 res = npy.with_name(f"{npy.stem}_probe{seed}.json")
-                r.run(f"probe {name} ({row}, seed {seed})", "embed.py", "--emb", npy, "--probe", t["csv"], *csv_args,
-                      "--seed", seed, "--probe_out", res, finished=res.is_file)
+                r.run(f"probe {name} ({row}, seed {seed})", "embed.py", "--emb", npy, *probe, "--seed", seed,
+                      "--probe_out", res, finished=[res])
                 runs.append(json.loads(res.read_text())["best"]["test"])
-            rows[row] = {"accuracy": summary([x["accuracy"] for x in runs]), "macro_f1": summary([x["macro_f1"] for x in runs])}
+            rows[row] = summary(runs)
 
-        # 4. classifier finetuning (paper §4.1): from the pretrained LM and from random init, all labels and n_train
-        k = s["cls"]
-        cls = ["--labels", t["csv"], *csv_args, "--slice_len", k["slice_len"], "--batch_size", k["batch_size"],
-               "--lr", k["lr"], "--epochs", k["epochs"], "--log_interval", 10, *dev, *work,
-               *(["--max_iters", k["max_iters"]] if k["max_iters"] else [])]
-        for init, label in ((pre, "Aria_Ft"), ("none", "scratch_Ft")):
+        # 4. classifier finetuning (paper §4.1) from the pretrained LM and random init: all labels, n_train
+        cls = ["--labels", t["csv"], *csv_args, "--log_interval", 10, *dev, *work,
+               *flags(s["cls"], "slice_len batch_size lr epochs max_iters")]
+        for label, kind, init in (("Aria_Ft", "pretrained", [pre]),
+                                  ("scratch_Ft", "scratch", ["none", "--preset", s["preset"]])):
             for n in [None] + ns[name]:
                 row = label if n is None else f"{label} n={n}"
                 runs = []
                 for seed in seeds:
-                    d = tdir / f"cls_{'pretrained' if init == pre else 'scratch'}_{n or 'all'}_s{seed}"
-                    extra = (["--preset", s["preset"]] if init == "none" else []) + (["--n_train", n] if n else [])
-                    r.run(f"classifier {name} ({row}, seed {seed})", "finetune_cls.py", "--init", init, *cls, *extra,
-                          "--seed", seed, "--out", d, finished=finished_training(d), out=d, train=True)
+                    d = tdir / f"cls_{kind}_{n or 'all'}_s{seed}"
+                    r.run(f"classifier {name} ({row}, seed {seed})", "finetune_cls.py", "--init", *init, *cls,
+                          *(["--n_train", n] if n else []), "--seed", seed, "--out", d, train=d)
                     runs.append(json.loads((d / "results.json").read_text())["best"]["test"])
-                rows[row] = {"accuracy": summary([x["accuracy"] for x in runs]),
-                             "macro_f1": summary([x["macro_f1"] for x in runs])}
-        results["tasks"][name] = {"csv": t["csv"], "label_col": t["label_col"], "classes": t["classes"],
-                                  "train_files": t["n_train"], "split": t["split"], "split_col": t["split_col"], "rows": rows}
+                rows[row] = summary(runs)
+        results["tasks"][name] = dict(csv=t["csv"], label_col=t["label_col"], classes=t["classes"],
+                                      train_files=t["n_train"], split=t["split"], split_col=t["split_col"],
+                                      rows=rows)
 
     write_results(out, results)
     print(f"reproduce: done in {(time.time() - r.t0) / 60:.1f} min; {out / 'results.md'}", flush=True)
@@ -298,20 +300,21 @@ def reproduce(args):
 
 def write_results(out, results):
     s = results["settings"]
+    cell = lambda x: f"{x['mean']:.1f} ± {x['std']:.1f}"  # noqa: E731
     lines = [f"# Table 2 at scale `{results['scale']}`", "",
-             f"Model `{s['preset']}`; pretraining {s['pretrain_iters'] or '75 epochs'} steps of {s['batch']} x {s['seq_len']} "
-             f"tokens; contrastive {s['ctr']}; embeddings {s['emb']}; classifier {s['cls']}; "
+             f"Model `{s['preset']}`; pretraining {s['pretrain_iters'] or '75 epochs'} steps of {s['batch']} x "
+             f"{s['seq_len']} tokens; contrastive {s['ctr']}; embeddings {s['emb']}; classifier {s['cls']}; "
              f"{len(results['seeds'])} seeds per probe and classifier finetune (mean ± std, test split).", ""]
     for name, task in results["tasks"].items():
         paper = PAPER.get(name, {})
         split = (f"split: column `{task['split_col']}` of the CSV" if task["split"] == "csv" else
-                 "split: no split column, so the deterministic stratified split of finetune_cls.py (80/10/10 per class, "
-                 "by a hash of each path; the same files in every stage)")
-        lines += [f"## {name} ({task['classes']} classes, {task['train_files']} training files)", "", split + ".", "",
+                 "split: no split column, so the deterministic stratified split of finetune_cls.py "
+                 "(80/10/10 per class, by a hash of each path; the same files in every stage)")
+        lines += [f"## {name} ({task['classes']} classes, {task['train_files']} training files)", "",
+                  split + ".", "",
                   "| row | accuracy | macro-F1 |" + (" paper (medium) acc / F1 |" if paper else ""),
                   "|---|---|---|" + ("---|" if paper else "")]
         for row, m in task["rows"].items():
-            cell = lambda x: f"{x['mean']:.1f} ± {x['std']:.1f}"  # noqa: E731
             ref = paper.get(row)
             lines.append(f"| {row} | {cell(m['accuracy'])} | {cell(m['macro_f1'])} |"
                          + (f" {ref[0]:.1f} / {ref[1]:.1f} |" if ref else " |" if paper else ""))
