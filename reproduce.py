@@ -11,7 +11,7 @@ scripts as a user would run them (subprocesses; torchrun with --nproc > 1).
 
 Per task (LABELS.csv:LABEL_COL[:SPLIT_COL], paths relative to the CSV, split train/valid/test; a CSV without
 a split column gets finetune_cls.py's deterministic stratified 80/10/10 split, in every stage):
-  Aria_Emb    finetune_contrastive.py from the pretrained LM, then embed.py's linear probe (paper §3.3, §4.1)
+  Aria_Emb    finetune_contrastive.py from the pretrained LM, and embed.py's linear probe (paper §3.3, §4.1)
   Aria†       the same contrastive recipe from random init (Table 2's e=25†)
   LM at <E>   the pretrained LM's final hidden state at <E>, probed: the floor the contrastive stage must beat
   Aria_Ft     finetune_cls.py from the pretrained LM, all labels and --n_train N (Table 2's n=100..)
@@ -29,8 +29,7 @@ Table 1 (paper §4: listeners compare 45-s continuations of 15-s prompts, A/B; b
     python reproduce.py --table 1 --prompts HELD_OUT_MIDI/ --ckpt out/pretrain [more checkpoints]  # the kit
     python reproduce.py --table 1 --metrics --train data/mine    # objective metrics, no listeners
     python reproduce.py --table 1 --answers answers_*.csv        # the table, from the listeners' CSVs
-The kit (OUT/table1/; docs/table1.md): clips/ID.mid, audio/ID.ogg, index.html (from table1.html), kit.json,
-key.json.
+The kit (OUT/table1/; docs/table1.md): clips/ID.mid, audio/ID.ogg, index.html, kit.json, key.json.
 """
 import argparse
 import csv
@@ -261,7 +260,8 @@ def reproduce(args):
         # 3. embeddings of the task's files, then the linear probe over seeds (paper §4.1)
         chunking = flags(s["emb"], "notes_per_chunk max_len max_chunks")
         sources = {"Aria_Emb": (emb_dirs["Aria_Emb"], "emb", "Aria_Emb"),
-                   "Aria†": (emb_dirs["Aria†"], "emb", "Ariadagger"), "LM at <E>": (pre, "hidden", "LM_at_E")}
+                   "Aria†": (emb_dirs["Aria†"], "emb", "Ariadagger"),
+                   "LM at <E>": (pre, "hidden", "LM_at_E")}
         for row, (ckpt, head, stem) in sources.items():
             npy = tdir / f"emb_{stem}.npy"
             r.run(f"embed {name} ({row})", "embed.py", "--ckpt", ckpt, "--head", head, *probe, *chunking,
@@ -301,9 +301,9 @@ def reproduce(args):
 def write_results(out, results):
     s = results["settings"]
     cell = lambda x: f"{x['mean']:.1f} ± {x['std']:.1f}"  # noqa: E731
-    lines = [f"# Table 2 at scale `{results['scale']}`", "",
-             f"Model `{s['preset']}`; pretraining {s['pretrain_iters'] or '75 epochs'} steps of {s['batch']} x "
-             f"{s['seq_len']} tokens; contrastive {s['ctr']}; embeddings {s['emb']}; classifier {s['cls']}; "
+    lines = [f"# Table 2 at scale `{results['scale']}`", "", f"Model `{s['preset']}`; pretraining "
+             f"{s['pretrain_iters'] or '75 epochs'} steps of {s['batch']} x {s['seq_len']} tokens; "
+             f"contrastive {s['ctr']}; embeddings {s['emb']}; classifier {s['cls']}; "
              f"{len(results['seeds'])} seeds per probe and classifier finetune (mean ± std, test split).", ""]
     for name, task in results["tasks"].items():
         paper = PAPER.get(name, {})
@@ -337,13 +337,18 @@ FEATURES = ["pitch", "pitch_class", "ioi", "duration", "velocity", "polyphony", 
 NGRAM = 8            # notes per stretch in the memorisation index
 
 
+def write_json(path, obj):
+    M.atomic_write(path, lambda f: f.write(json.dumps(obj, indent=1).encode()))
+
+
 def table1(args):
     t1 = Path(args.out) / "table1"
     need(args.prompts or args.answers or args.metrics or args.train,
          "--table 1 needs --prompts DIR --ckpt CKPT (the kit), --metrics or --answers CSV ...")
     if args.prompts:
         build_kit(args, t1)
-    need((t1 / "key.json").is_file(), f"{t1}: no listening-test kit here; build one with --prompts DIR --ckpt CKPT")
+    need((t1 / "key.json").is_file(),
+         f"{t1}: no listening-test kit here; build one with --prompts DIR --ckpt CKPT")
     kit, key = (json.loads((t1 / name).read_text()) for name in ("kit.json", "key.json"))
     if args.metrics or args.train:
         metrics(args, t1, kit, key)
@@ -353,8 +358,8 @@ def table1(args):
 
 
 def pick_prompts(args, p_ms, end_ms):
-    """--n_prompts files (drawn by --seed) with end_ms of music after the first note: the prompt's notes and the
-    real continuation's, both tokenized (10-ms grid, velocity bins, pedal in durations) as the model's are."""
+    """--n_prompts files (drawn by --seed) with end_ms of music after the first note: the prompt's notes and
+    the real continuation's, tokenized (10-ms grid, velocity bins, pedal in durations) as the model's are."""
     folder = Path(args.prompts)
     need(folder.is_dir(), f"{folder}: no such folder (--prompts)")
     files = sorted(f for f in folder.rglob("*") if f.suffix.lower() in (".mid", ".midi"))
@@ -374,60 +379,67 @@ def pick_prompts(args, p_ms, end_ms):
             picked.append(dict(file=str(f), first_ms=first, notes=notes, programs=programs, gt=gt))
         if len(picked) == args.n_prompts:
             return picked
-    raise Fail(f"{folder}: only {len(picked)} of {len(files)} MIDI files hold {end_ms / 1000:g} s of solo piano "
-               f"(--n_prompts {args.n_prompts})")
+    raise Fail(f"{folder}: only {len(picked)} of {len(files)} MIDI files hold {end_ms / 1000:g} s of solo "
+               f"piano (--n_prompts {args.n_prompts})")
 
 
 def build_kit(args, t1):
     """Prompts, continuations, clips, audio and the listening page, in OUT/table1; key.json last."""
-    t0 = time.time()
+    t0, checkpoints = time.time(), []
     for k in ("n_prompts", "n_continuations", "trials", "prompt_seconds", "continuation_seconds"):
         need(getattr(args, k) > 0, f"--{k} must be > 0")
     need(args.ckpt, "--prompts needs --ckpt CKPT ...: the checkpoints to test")
-    need(not (t1 / "key.json").exists(), f"{t1} holds a kit, and answers name its clip ids: use another --out")
-    p_ms, end_ms = round(args.prompt_seconds * 1e3), round((args.prompt_seconds + args.continuation_seconds) * 1e3)
+    need(not (t1 / "key.json").exists(),
+         f"{t1} holds a kit, and answers name its clip ids: use another --out")
+    p_ms = round(args.prompt_seconds * 1e3)
+    end_ms = round((args.prompt_seconds + args.continuation_seconds) * 1e3)
     prompts = pick_prompts(args, p_ms, end_ms)
-    clips, loop = [], min(p_ms, end_ms - p_ms)  # (system, prompt, row, notes); the repeat: the prompt's end again
+    clips, loop = [], min(p_ms, end_ms - p_ms)  # (system, prompt, row, notes); REPEAT: the prompt's end again
     for i, p in enumerate(prompts):
         again = [(s + k * loop, e + k * loop, *r) for k in range(1, -(-(end_ms - p_ms) // loop) + 1)
                  for s, e, *r in p["notes"] if s >= p_ms - loop]
         clips += [(GT, i, 0, p["notes"] + p["gt"]), (REPEAT, i, 0, p["notes"] + again)]
     device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
-    checkpoints, names = [], [Path(c).stem if Path(c).is_file() else Path(c).resolve().name for c in args.ckpt]
-    names = [n if names.count(n) == 1 and n not in (GT, REPEAT) else f"{n}_{k + 1}" for k, n in enumerate(names)]
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    names = [Path(c).stem if Path(c).is_file() else Path(c).resolve().name for c in args.ckpt]
+    names = [f"{n}_{k + 1}" if names.count(n) > 1 or n in (GT, REPEAT) else n for k, n in enumerate(names)]
     for spec, name in zip(args.ckpt, names):
         try:
             path = M.resolve_checkpoint(spec)
-            model = M.load_model(path, device=device, dtype=torch.bfloat16 if device == "cuda" else torch.float32)
+            model = M.load_model(path, device=device, dtype=dtype)
         except M.CheckpointError as e:
             raise Fail(str(e)) from None
         need("lm" in model.heads, f"{path}: no LM head ({', '.join(model.heads)}); continuations need one")
         runs = []
-        checkpoints.append(dict(system=name, path=str(path), params=model.num_params(), device=device, runs=runs))
+        checkpoints.append(dict(system=name, path=str(path), params=model.num_params(), device=device,
+                                runs=runs))
         for i, p in enumerate(prompts):
             ids, t = T.prompt(p["file"], (p["first_ms"] + p_ms) / 1000, pedal=model.pedal), time.time()
             length = model.config.max_seq_len - len(ids)
             need(length > 0, f"{p['file']}: its {len(ids)}-token prompt fills {path}'s context")
-            # every row runs to its first event at end_ms, with no <E> before: an early end gives a system away
+            # each row runs to its first event at end_ms, with no <E> before: an early end gives a system away
             rows = S.generate(model, ids, n_variations=args.n_continuations, length=length, device=device,
                               seed=args.seed + i, temp=args.temp, min_p=args.min_p, eos=False, stats={},
                               seconds=(end_ms - max(n[0] for n in p["notes"])) / 1000)
-            clips += [(name, i, r, p["notes"] + S.split_notes(row, len(ids))[1]) for r, row in enumerate(rows)]
+            clips += [(name, i, r, p["notes"] + S.split_notes(x, len(ids))[1]) for r, x in enumerate(rows)]
             reached = [r[-1] == T.EOS_ID for r in rows]
             runs.append(dict(prompt=i + 1, seed=args.seed + i, prompt_tokens=len(ids), reached=reached,
                              new_tokens=[len(r) - len(ids) for r in rows], s=round(time.time() - t, 1)))
-            short = f"; {reached.count(False)} stop short of {args.continuation_seconds:g} s: the context is full"
-            print(f"table 1: {name}, prompt {i + 1}/{len(prompts)}: {len(rows)} continuations in {runs[-1]['s']} s"
-                  + short * (not all(reached)))
+            short = (f"; {reached.count(False)} stop short of {args.continuation_seconds:g} s: "
+                     "the context is full") * (not all(reached))
+            print(f"table 1: {name}, prompt {i + 1}/{len(prompts)}: {len(rows)} continuations in "
+                  f"{runs[-1]['s']} s{short}")
 
-    # opaque ids, drawn afresh (answers to another kit are caught), in an order that says nothing of the systems
+    # opaque ids, drawn afresh (answers to another kit are caught), in an order that hides the systems
     rng, fresh = random.Random(args.seed), random.SystemRandom()
     rng.shuffle(clips)
     ids = [f"{x:06x}" for x in fresh.sample(range(16 ** 6), len(clips))]
+    tagged = list(zip(ids, clips))
     for sub in ("clips", "audio"):
         shutil.rmtree(t1 / sub, ignore_errors=True)
-    for cid, (_, i, _, notes) in zip(ids, clips):  # 1 tick = 1 ms; every clip lasts exactly end_ms
-        mid = T.notes_to_midi([(s, min(e, end_ms), *r) for s, e, *r in notes if s < end_ms], prompts[i]["programs"])
+    for cid, (_, i, _, notes) in tagged:  # 1 tick = 1 ms; every clip lasts exactly end_ms
+        mid = T.notes_to_midi([(s, min(e, end_ms), *r) for s, e, *r in notes if s < end_ms],
+                              prompts[i]["programs"])
         mid.tracks[0][-1].time = max(0, end_ms - sum(m.time for m in mid.tracks[0]))
         M.atomic_write(t1 / "clips" / f"{cid}.mid", lambda f: mid.save(file=f))
     audio = render_audio(args, t1, ids)
@@ -435,7 +447,7 @@ def build_kit(args, t1):
     # the page gets, per prompt, the clip ids of each tested system as an unnamed group (in a seeded order)
     tested = [c["system"] for c in checkpoints] + [GT] + [REPEAT] * args.with_repeat
     order = rng.sample(tested, len(tested))
-    groups = [[sorted(c for c, (s, i, _, _) in zip(ids, clips) if (s, i) == (g, k)) for g in order]
+    groups = [[sorted(c for c, (s, i, _, _) in tagged if (s, i) == (g, k)) for g in order]
               for k in range(len(prompts))]
     pairs = len(tested) * (len(tested) - 1) // 2
     trials = -(-args.trials // pairs) * pairs
@@ -444,29 +456,34 @@ def build_kit(args, t1):
                            seconds=[args.prompt_seconds, args.continuation_seconds])).replace("</", "<\\/")
     html = (ROOT / "table1.html").read_text(encoding="utf-8").replace("__KIT__", page)
     M.atomic_write(t1 / "index.html", lambda f: f.write(html.encode()))
-    kit = dict(kit=kit_id, settings=vars(args), prompt_ms=p_ms, end_ms=end_ms, trials=trials, checkpoints=checkpoints,
-               prompts=[dict(file=p["file"], offset_s=p["first_ms"] / 1000, notes=len(p["notes"])) for p in prompts],
-               clips={c: i + 1 for c, (_, i, _, _) in zip(ids, clips)}, audio=audio)
-    key = dict(systems=tested, clips={c: dict(system=s, prompt=i + 1, row=r) for c, (s, i, r, _) in zip(ids, clips)})
-    for name, obj in (("kit.json", kit), ("key.json", key)):  # key.json last: the kit is whole when it is there
-        M.atomic_write(t1 / name, lambda f: f.write(json.dumps(obj, indent=1).encode()))
-    print(f"table 1: kit of {len(ids)} clips ({len(prompts)} prompts; {', '.join(tested)} in the test, {trials} "
-          f"trials per listener) in {time.time() - t0:.0f} s: open {t1 / 'index.html'}; keep key.json from listeners")
+    prompt_files = [dict(file=p["file"], offset_s=p["first_ms"] / 1000, notes=len(p["notes"])) 
+                    for p in prompts]
+    kit = dict(kit=kit_id, settings=vars(args), prompt_ms=p_ms, end_ms=end_ms, trials=trials,
+               checkpoints=checkpoints, prompts=prompt_files, clips={c: i + 1 for c, (_, i, _, _) in tagged},
+               audio=audio)
+    key = dict(systems=tested, clips={c: dict(system=s, prompt=i + 1, row=r) for c, (s, i, r, _) in tagged})
+    write_json(t1 / "kit.json", kit)
+    write_json(t1 / "key.json", key)  # last: the kit is whole when key.json is there
+    print(f"table 1: kit of {len(ids)} clips ({len(prompts)} prompts; {', '.join(tested)} in the test, "
+          f"{trials} trials per listener) in {time.time() - t0:.0f} s: open {t1 / 'index.html'}; "
+          "keep key.json from listeners")
 
 
 def render_audio(args, t1, ids):
-    """Every clip through FluidSynth at one loudness: rendered at gain 0.2 to measure its level (mean power of its
-    100-ms blocks above -60 dBFS) and peak, then at the (linear) gain for the target: TARGET_DBFS, or lower where
-    the spikiest clip would clip. Returns kit.json's "audio", or None without FluidSynth."""
+    """Every clip through FluidSynth at one loudness: rendered at gain 0.2 to measure its level (mean power
+    of its 100-ms blocks above -60 dBFS) and peak, then at the (linear) gain for TARGET_DBFS, or lower where
+    the spikiest clip would peak above -1 dBFS. Returns kit.json's "audio", or None without FluidSynth."""
     sf2 = Path(args.soundfont)
     if args.soundfont == "none" or not shutil.which("fluidsynth") or not sf2.is_file():
         why = "--soundfont none" if args.soundfont == "none" else f"no fluidsynth or no {sf2}"
-        return print(f"note: {why}: the kit is MIDI only (for audio: apt-get install fluidsynth fluid-soundfont-gm)")
+        print(f"note: {why}: the kit is MIDI only (for audio: apt-get install fluidsynth fluid-soundfont-gm)")
+        return None
     (t1 / "audio").mkdir(parents=True, exist_ok=True)
 
     def fluidsynth(c, gain, out, kind):
-        r = subprocess.run(["fluidsynth", "-ni", "-q", "-r", str(AUDIO_RATE), "-g", f"{gain:.4f}", "-F", str(out),
-                            "-T", kind, str(sf2), str(t1 / "clips" / f"{c}.mid")], capture_output=True, text=True)
+        cmd = ["fluidsynth", "-ni", "-q", "-r", str(AUDIO_RATE), "-g", f"{gain:.4f}", "-F", str(out), "-T",
+               kind, str(sf2), str(t1 / "clips" / f"{c}.mid")]
+        r = subprocess.run(cmd, capture_output=True, text=True)
         need(r.returncode == 0 and out.is_file(),
              f"fluidsynth failed on {c}.mid: {(r.stderr.strip() or 'no output').splitlines()[-1]}")
 
@@ -474,13 +491,14 @@ def render_audio(args, t1, ids):
         fluidsynth(c, 0.2, t1 / "audio" / f"{c}.raw", "raw")  # 16-bit stereo samples, no header
         x = np.fromfile(t1 / "audio" / f"{c}.raw", np.int16) / np.float32(32768)
         (t1 / "audio" / f"{c}.raw").unlink()
-        power = (x[:len(x) // 4410 * 4410] ** 2).reshape(-1, 4410).mean(1)  # 100-ms blocks at 22.05 kHz, stereo
+        power = (x[:len(x) // 4410 * 4410] ** 2).reshape(-1, 4410).mean(1)  # 100-ms stereo blocks (22.05 kHz)
         level = 10 * math.log10(power[power > 1e-6].mean()) if (power > 1e-6).any() else -60.0
-        return c, dict(level_dbfs=round(level, 2), peak_dbfs=round(20 * math.log10(max(np.abs(x).max(), 1e-6)), 2))
+        peak = 20 * math.log10(max(np.abs(x).max(), 1e-6))
+        return c, dict(level_dbfs=round(level, 2), peak_dbfs=round(peak, 2))
 
     with ThreadPoolExecutor(2) as pool:  # FluidSynth runs on one core
         clips = dict(pool.map(measure, ids))
-        target = min(TARGET_DBFS, min(v["level_dbfs"] - v["peak_dbfs"] for v in clips.values()) - 1)  # peaks <= -1
+        target = min(TARGET_DBFS, min(v["level_dbfs"] - v["peak_dbfs"] for v in clips.values()) - 1)
         for v in clips.values():
             v["gain"] = round(min(10.0, 0.2 * 10 ** ((target - v["level_dbfs"]) / 20)), 4)
         list(pool.map(lambda c: fluidsynth(c, clips[c]["gain"], t1 / "audio" / f"{c}.ogg", "oga"), ids))
@@ -494,7 +512,7 @@ def binom_p(wins, losses):
 
 
 def listening_table(args, t1, key):
-    """The listeners' CSVs -> per pair of systems the first one's wins, ties, losses and p: OUT/table1/results.*"""
+    """Listeners' CSVs -> per pair of systems the first's wins, ties, losses and p: OUT/table1/results.*"""
     clips, answers = key["clips"], []
     for path in map(Path, args.answers):
         need(path.is_file(), f"{path}: no such file (--answers)")
@@ -502,14 +520,14 @@ def listening_table(args, t1, key):
             rows = list(csv.DictReader(f))
         need(rows and not set(COLUMNS) - set(rows[0]), f"{path}: not an answers file of index.html (its CSV)")
         for line, r in enumerate(rows, 2):
-            where = f"{path}, line {line}"
+            at = f"{path}, line {line}"
             for c in (r["clip_a"], r["clip_b"]):
-                need(c in clips, f"{where}: clip id {c!r} is not in {t1 / 'key.json'} (another kit's answers?)")
-            need(r["choice"] in ("A", "tie", "B"), f"{where}: choice {r['choice']!r}, expected A, tie or B")
+                need(c in clips, f"{at}: clip id {c!r} is not in {t1 / 'key.json'} (another kit's answers?)")
+            need(r["choice"] in ("A", "tie", "B"), f"{at}: choice {r['choice']!r}, expected A, tie or B")
             try:
                 answers.append(dict(r, years=float(r["training"])))
             except ValueError:
-                raise Fail(f"{where}: years of training {r['training']!r} is not a number") from None
+                raise Fail(f"{at}: years of training {r['training']!r} is not a number") from None
     left_out = {r["listener"] for r in answers if r["years"] < args.min_training}
     answers = [r for r in answers if r["years"] >= args.min_training]
     tally = {pair: [0, 0, 0] for pair in itertools.combinations(dict.fromkeys(key["systems"] + [REPEAT]), 2)}
@@ -521,29 +539,30 @@ def listening_table(args, t1, key):
     rows = [dict(system=a, against=b, wins=won, ties=tied, losses=lost, p=binom_p(won, lost))
             for (a, b), (won, tied, lost) in tally.items() if won + tied + lost]
     paper = [dict(system="Aria", against=a, wins=w, ties=t, losses=n, p=p) for a, w, t, n, p in PAPER_T1]
-    res = dict(listeners=len({r["listener"] for r in answers}), left_out=sorted(left_out), answers=len(answers),
-               min_training=args.min_training, rows=rows, paper=paper)
-    lines = ["# Table 1: the listening test", "", f"{res['listeners']} listeners, {len(answers)} answers; "
-             f"{len(left_out)} listeners left out (under {args.min_training:g} years of musical training). Wins, "
-             "ties and losses of the first system; p: two-sided exact binomial test on the non-tied answers.", ""]
-    for title, table in (("This kit", rows), ("The paper (Aria medium, 46 listeners)", paper)):
-        lines += [f"## {title}", "", "| system | against | wins | ties | losses | p-value |", "|---" * 6 + "|", *(
-            f"| {r['system']} | {r['against']} | {r['wins']} | {r['ties']} | {r['losses']} | {r['p']:.2e} |"
-            for r in table), ""]
-    M.atomic_write(t1 / "results.json", lambda f: f.write(json.dumps(res, indent=1).encode()))
+    res = dict(listeners=len({r["listener"] for r in answers}), left_out=sorted(left_out),
+               answers=len(answers), min_training=args.min_training, rows=rows, paper=paper)
+    lines = ["# Table 1: the listening test", "",
+             f"{res['listeners']} listeners, {len(answers)} answers; {len(left_out)} listeners left out "
+             f"(under {args.min_training:g} years of musical training). Wins, ties and losses of the first "
+             "system; p: two-sided exact binomial test on the non-tied answers.", ""]
+    for name, table in (("This kit", rows), ("The paper (Aria medium, 46 listeners)", paper)):
+        lines += [f"## {name}", "", "| system | against | wins | ties | losses | p-value |", "|---" * 6 + "|"]
+        lines += [f"| {' | '.join(map(str, list(r.values())[:5]))} | {r['p']:.2e} |" for r in table] + [""]
+    write_json(t1 / "results.json", res)
     M.atomic_write(t1 / "results.md", lambda f: f.write("\n".join(lines).encode()))
     print("\n".join(lines))
 
 
 def features(notes, t0, t1):
-    """Yang & Lerch's (2020) features of the notes starting in [t0, t1) ms; log2 s for inter-onsets and durations."""
-    notes = [n for n in notes if t0 <= n[0] < t1]
-    start, end, pitch, vel = (np.array([n[k] for n in notes], dtype=float) for k in range(4))
+    """Yang & Lerch's (2020) features of notes starting in [t0, t1) ms: inter-onsets and durations in log2 s,
+    density in notes per second."""
+    x = np.array([n[:4] for n in notes if t0 <= n[0] < t1], dtype=float).reshape(-1, 4)
+    start, end = x[:, 0], x[:, 1]  # then pitch, velocity
     onsets = np.unique(start)
-    return dict(pitch=pitch, pitch_class=pitch % 12, ioi=np.log2(np.maximum(np.diff(onsets), 10) / 1000),
-                duration=np.log2(np.maximum(end - start, 10) / 1000), velocity=vel,
+    return dict(pitch=x[:, 2], pitch_class=x[:, 2] % 12, ioi=np.log2(np.maximum(np.diff(onsets), 10) / 1000),
+                duration=np.log2(np.maximum(end - start, 10) / 1000), velocity=x[:, 3],
                 polyphony=np.array([np.sum((start <= t) & (end > t)) for t in onsets], dtype=float),
-                density=np.histogram(start, bins=np.arange(t0, t1 + 1, 1000))[0].astype(float))  # notes per second
+                density=np.histogram(start, bins=np.arange(t0, t1 + 1, 1000))[0].astype(float))
 
 
 def overlap(x, y, feature):
@@ -553,8 +572,8 @@ def overlap(x, y, feature):
         return 0.0
     if feature == "pitch_class":
         return float(np.minimum(*(np.bincount(v.astype(int), minlength=12) / len(v) for v in (x, y))).sum())
-    bw = [0.9 * (min(v.std(), np.subtract(*np.percentile(v, [75, 25])) / 1.34) or v.std() or 1.0) * len(v) ** -0.2
-          for v in (x, y)]
+    bw = [0.9 * (min(v.std(), np.subtract(*np.percentile(v, [75, 25])) / 1.34) or v.std() or 1.0)
+          * len(v) ** -0.2 for v in (x, y)]
     grid = np.linspace(min(x.min(), y.min()) - 4 * max(bw), max(x.max(), y.max()) + 4 * max(bw), 512)
     pdf = [np.exp(-0.5 * ((grid[:, None] - v) / h) ** 2).sum(1) / (len(v) * h * math.sqrt(2 * math.pi))
            for v, h in zip((x, y), bw)]
@@ -562,8 +581,8 @@ def overlap(x, y, feature):
 
 
 def note_ngrams(group, start, pitch):
-    """(n - NGRAM + 1,) uint64: a hash of each NGRAM-note stretch of notes sorted by (group, start, pitch), from
-    its pitch steps and onset gaps (the same under transposition and a shift in time); 0 across two groups."""
+    """(n - NGRAM + 1,) uint64: a hash of each NGRAM-note stretch of notes sorted by (group, start, pitch),
+    from its pitch steps and onset gaps (the same under transposition and shifts in time); 0 across groups."""
     m = len(pitch) - NGRAM + 1
     if m < 1:
         return np.zeros(0, np.uint64)
@@ -575,13 +594,13 @@ def note_ngrams(group, start, pitch):
 
 
 def ngram_index(dataset):
-    """Every NGRAM-note stretch of a prepare.py dataset's training files: (sorted note_ngrams hashes, files)."""
+    """NGRAM-note stretches of a prepare.py dataset's training files: (sorted note_ngrams hashes, files)."""
     d = Path(dataset)
     need((d / "train.bin").is_file() and (d / "train.idx.npy").is_file(),
          f"{d}: not a prepare.py dataset (no train.bin, train.idx.npy) (--train)")
     ids, idx = np.fromfile(d / "train.bin", dtype=np.uint16).astype(np.int64), np.load(d / "train.idx.npy")
     cls = T.TOKEN_CLASS[ids]
-    at = np.flatnonzero((cls[:-2] == T.NOTE) & (cls[1:-1] == T.ONSET) & (cls[2:] == T.DUR))  # note, onset, dur
+    at = np.flatnonzero((cls[:-2] == T.NOTE) & (cls[1:-1] == T.ONSET) & (cls[2:] == T.DUR))
     group = np.searchsorted(idx, at, side="right") - 1
     segs = np.concatenate([[0], np.cumsum(ids == T.SEG_ID)])  # <T>s before each position
     start = (segs[at] - segs[idx[group]]) * T.SEGMENT_MS + (ids[at + 1] - T.ONSET_START) * T.TIME_STEP_MS
@@ -596,24 +615,26 @@ def longest_copy(notes, index):
     notes = sorted((n[0], n[2]) for n in notes)
     h = note_ngrams(np.zeros(len(notes)), *(np.array([n[k] for n in notes], dtype=np.int64) for k in (0, 1)))
     at = np.minimum(np.searchsorted(index, h), len(index) - 1)
-    runs = [len(list(run)) for copied, run in itertools.groupby(index[at] == h) if copied] if len(index) else []
+    runs = [len(list(run)) for hit, run in itertools.groupby(index[at] == h) if hit] if len(index) else []
     return max(runs) + NGRAM - 1 if runs else 0
 
 
 def metrics(args, t1, kit, key):
-    """Per system and feature the overlapping area (OA) of its continuations' features with the ground truth's, by
-    an unrelated piece (another prompt's ground truth), the ground truth's halves, the repeat; --train: copying."""
-    p_ms, end_ms, n = kit["prompt_ms"], kit["end_ms"], len(kit["prompts"])
-    cont = defaultdict(list)  # (system, prompt) -> each clip's continuation: its notes starting after the prompt
+    """Per system and feature the overlapping area (OA) of its continuations' features with the ground
+    truth's, by an unrelated piece (another prompt's ground truth), the ground truth's halves, the repeat;
+    --train: copying."""
+    p_ms, end_ms = kit["prompt_ms"], kit["end_ms"]
+    n, half = len(kit["prompts"]), (p_ms + end_ms) // 2
+    cont = defaultdict(list)  # (system, prompt) -> each clip's notes after the prompt
     for cid, c in key["clips"].items():  # (1 tick = 1 ms)
         notes = T.load_midi(t1 / "clips" / f"{cid}.mid").notes
         cont[c["system"], c["prompt"]].append([x for x in notes if x[0] >= p_ms])
-    gt, half = [cont[GT, k][0] for k in range(1, n + 1)], (p_ms + end_ms) // 2
+    gt = [cont[GT, k][0] for k in range(1, n + 1)]
     systems = list(dict.fromkeys(key["systems"] + [REPEAT]))  # the checkpoints, ground truth, repeat
-    sets = {s: [([features(x, p_ms, end_ms) for x in cont[s, k + 1]], [features(gt[k], p_ms, end_ms)])
-                for k in range(n)] for s in systems if s != GT}
-    sets["unrelated (floor)"] = [([features(gt[(k + 1) % n], p_ms, end_ms)], [features(gt[k], p_ms, end_ms)])
-                                 for k in range(n if n > 1 else 0)]
+    gtf = [features(g, p_ms, end_ms) for g in gt]
+    sets = {s: [([features(x, p_ms, end_ms) for x in cont[s, k + 1]], [gtf[k]]) for k in range(n)]
+            for s in systems if s != GT}
+    sets["unrelated (floor)"] = [([gtf[(k + 1) % n]], [gtf[k]]) for k in range(n if n > 1 else 0)]
     sets["ground truth halves"] = [([features(g, p_ms, half)], [features(g, half, end_ms)]) for g in gt]
     rows = {}
     for s, pairs in sets.items():
@@ -622,7 +643,7 @@ def metrics(args, t1, kit, key):
         rows[s] = {f: dict(mean=round(float(np.mean(v)), 3), std=round(float(np.std(v)), 3),
                            per_prompt=[round(x, 3) for x in v]) for f, v in oa.items() if v}
     res = dict(features=FEATURES, window_ms=[p_ms, end_ms], prompts=n, oa=rows)
-    lines = ["| OA with the ground truth | " + " | ".join(FEATURES) + " |", "|---" * (len(FEATURES) + 1) + "|"]
+    lines = [f"| OA with the ground truth | {' | '.join(FEATURES)} |", "|---" * (len(FEATURES) + 1) + "|"]
     lines += [f"| {s} | " + " | ".join(f"{r[f]['mean']:.2f} ± {r[f]['std']:.2f}" for f in FEATURES) + " |"
               for s, r in rows.items() if r]
     if args.train:
@@ -632,9 +653,9 @@ def metrics(args, t1, kit, key):
             s: dict(max=max(v), mean=round(statistics.mean(v), 1), per_clip=v) for s, v in copies.items()})
         lines += ["", f"Longest stretch of notes copied from {args.train} ({files} files): " + "; ".join(
             f"{s} max {max(v)}, mean {statistics.mean(v):.1f}" for s, v in copies.items())]
-    M.atomic_write(t1 / "metrics.json", lambda f: f.write(json.dumps(res, indent=1).encode()))
-    print(f"table 1 metrics: overlapping area (OA) with the ground truth's continuation, mean ± std over {n} "
-          f"prompts ({t1 / 'metrics.json'})\n" + "\n".join(lines))
+    write_json(t1 / "metrics.json", res)
+    print(f"table 1 metrics: overlapping area (OA) with the ground truth's continuation, mean ± std over "
+          f"{n} prompts ({t1 / 'metrics.json'})\n" + "\n".join(lines))
 
 
 # -----------------------------------------------------------------------------
