@@ -456,7 +456,7 @@ def build_kit(args, t1):
                            seconds=[args.prompt_seconds, args.continuation_seconds])).replace("</", "<\\/")
     html = (ROOT / "table1.html").read_text(encoding="utf-8").replace("__KIT__", page)
     M.atomic_write(t1 / "index.html", lambda f: f.write(html.encode()))
-    prompt_files = [dict(file=p["file"], offset_s=p["first_ms"] / 1000, notes=len(p["notes"])) 
+    prompt_files = [dict(file=p["file"], offset_s=p["first_ms"] / 1000, notes=len(p["notes"]))
                     for p in prompts]
     kit = dict(kit=kit_id, settings=vars(args), prompt_ms=p_ms, end_ms=end_ms, trials=trials,
                checkpoints=checkpoints, prompts=prompt_files, clips={c: i + 1 for c, (_, i, _, _) in tagged},
