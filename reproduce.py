@@ -1,29 +1,18 @@
 """
-The paper's tables. Table 2 (linear probes and classifier finetuning, paper §4.1) at a scale you can afford,
-in one command: prepare, pretrain, then per task the embedding and finetuning comparisons, each with the stage
-scripts as a user would run them (subprocesses; torchrun with --nproc > 1).
+The paper's tables in one command each, with the stage scripts run as a user would run them
+(subprocesses; torchrun with --nproc > 1).
 
-    python reproduce.py --scale tiny --out out/repro_tiny --data ../shared/data/maestro_v2 \\
-        ../shared/data/pop909 ../shared/data/pop1k7 ../shared/data/piano_midi_de \\
-        --task ../shared/data/pianist8/labels_splits.csv:pianist:split_midibert
-    python reproduce.py --scale small ...                  # one GPU
-    python reproduce.py --scale medium --nproc 8 ...       # the paper's model, 8 GPUs (not run here)
-
-Per task (LABELS.csv:LABEL_COL[:SPLIT_COL], paths relative to the CSV, split train/valid/test; a CSV without
-a split column gets finetune_cls.py's deterministic stratified 80/10/10 split, in every stage):
+Table 2 (linear probes and classifier finetuning, paper §4.1) at a scale you can afford: prepare, pretrain,
+then per task (LABELS.csv:LABEL_COL[:SPLIT_COL]; no split column: finetune_cls.py's stratified 80/10/10):
+    python reproduce.py --scale tiny --out out/repro_tiny --data data/maestro_v2 data/pop909 \\
+        --task data/pianist8/labels_splits.csv:pianist:split_midibert     # --scale small: one GPU
   Aria_Emb    finetune_contrastive.py from the pretrained LM, and embed.py's linear probe (paper §3.3, §4.1)
   Aria†       the same contrastive recipe from random init (Table 2's e=25†)
   LM at <E>   the pretrained LM's final hidden state at <E>, probed: the floor the contrastive stage must beat
-  Aria_Ft     finetune_cls.py from the pretrained LM, all labels and --n_train N (Table 2's n=100..)
-  scratch_Ft  the same classifier finetunes from random init
-Probes and classifier finetunes run over --seeds seeds and are reported as mean ± std; a contrastive model is
-trained once per variant (seed 0) and the spread of its row is that of the probe. Test metrics: the probe's
-best of 10/20/50 epochs (as the paper); the classifier's test accuracy at its best valid epoch (the paper
-reports the best epoch). One Pianist8 test file is worth 2.7 points: a difference within the spread is none.
-
-Each stage writes into OUT/<stage>; a stage whose folder holds a finished result is skipped when the command
-is repeated, and an interrupted training stage is resumed (--resume), so a long run survives interruptions.
-OUT/results.json and OUT/results.md hold the tables, with the scale's settings.
+  Aria_Ft     finetune_cls.py from the pretrained LM, all labels and --n_train N; scratch_Ft from random init
+  Aria_Ft     finetune_cls.py from the pretrained LM (all labels, --n_train N); scratch_Ft: random init
+epochs, the classifier's at its best valid epoch (as the paper). Each stage writes OUT/<stage>; a finished one
+is skipped when the command is repeated, an interrupted one resumed. OUT/results.json and .md hold the tables.
 
 Table 1 (paper §4: listeners compare 45-s continuations of 15-s prompts, A/B; binomial tests) trains nothing:
     python reproduce.py --table 1 --prompts HELD_OUT_MIDI/ --ckpt out/pretrain [more checkpoints]  # the kit
@@ -93,17 +82,15 @@ def get_args(argv=None):
     ap = argparse.ArgumentParser(description="Reproduce the paper's Table 2 (stage scripts) or Table 1 "
                                  "(listening test).", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     ap.add_argument("--table", type=int, default=2, choices=[1, 2], help="which of the paper's tables")
-    ap.add_argument("--out", default="out/reproduce",
-                    help="Table 2: every stage, results.json/.md; Table 1: OUT/table1")
+    ap.add_argument("--out", default="out/reproduce", help="Table 2: each stage, results; Table 1: OUT/table1")
     ap.add_argument("--device", default="auto", help="cpu, cuda or auto, for every stage (Table 1: sampling)")
     t2 = ap.add_argument_group("Table 2").add_argument
     t2("--scale", default="tiny", choices=list(SCALES), help="model size, steps and batch of every stage")
     t2("--data", nargs="+", metavar="DIR", help="MIDI folders to pretrain on (prepare.py); required")
     t2("--task", nargs="+", metavar="LABELS.csv:LABEL_COL[:SPLIT_COL]",
        help="classification tasks (required); the split column says train/valid/test (default column: split; "
-            "without it, a deterministic stratified 80/10/10 split per class, model.stratified_split)")
-    t2("--seeds", type=int, default=None,
-       help="seeds per probe and classifier finetune (default: the scale's)")
+            "without it, a deterministic stratified 80/10/10 split per class, training.stratified_split)")
+    t2("--seeds", type=int, default=None, help="seeds per probe and classifier finetune (default: scale's)")
     t2("--nproc", type=int, default=1, help="processes per training stage (torchrun) for multi-GPU scales")
     t2("--workers", type=int, default=2, help="data loader workers of the training stages")
     t1 = ap.add_argument_group("Table 1 (paper §4)").add_argument
@@ -123,8 +110,7 @@ def get_args(argv=None):
     t1("--soundfont", default="/usr/share/sounds/sf2/FluidR3_GM.sf2",
        help="GM sound font (the paper: Pianoteq); none: MIDI only")
     t1("--answers", nargs="+", metavar="CSV", help="the listeners' CSVs (from index.html): the table")
-    t1("--min_training", type=float, default=1.0,
-       help="leave out listeners with fewer years of training (paper)")
+    t1("--min_training", type=float, default=1.0, help="leave out listeners with fewer years of training")
     t1("--metrics", action="store_true", help="objective metrics of the kit: OUT/table1/metrics.json")
     t1("--train", metavar="DATASET", help="with --metrics: a prepare.py dataset to find copied notes in")
     return ap.parse_args(argv)
