@@ -82,7 +82,7 @@ def get_args(argv=None):
     ap = argparse.ArgumentParser(description="Reproduce the paper's Table 2 (stage scripts) or Table 1 "
                                  "(listening test).", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     ap.add_argument("--table", type=int, default=2, choices=[1, 2], help="which of the paper's tables")
-    ap.add_argument("--out", default="out/reproduce", help="Table 2: each stage, results; Table 1: OUT/table1")
+    ap.add_argument("--out", default="out/reproduce", help="Table 2: stages and results; Table 1: OUT/table1")
     ap.add_argument("--device", default="auto", help="cpu, cuda or auto, for every stage (Table 1: sampling)")
     t2 = ap.add_argument_group("Table 2").add_argument
     t2("--scale", default="tiny", choices=list(SCALES), help="model size, steps and batch of every stage")
