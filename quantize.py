@@ -178,7 +178,7 @@ class CompactKVCache:
 
     def bytes_per_slot(self) -> int:
         """Bytes one cached position takes (K and V with their scales, every row and head)."""
-        rows = self.k[:, :, 0].numel()  # (B, H)
+        rows = self.k[:, :, 0, 0].numel()  # B x H
         return 2 * rows * (self.k.shape[-1] * self.k.element_size() + (4 if self.int8 else 0))
 
     def _store(self, dst, scale, pos, x):

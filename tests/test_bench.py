@@ -15,6 +15,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 import bench  # noqa: E402
 import model as M  # noqa: E402
+import sample as S  # noqa: E402
 import tokenizer as T  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # the in-process GEMVs, as the CLI runs them
@@ -92,8 +93,9 @@ def test_bench_sample():
     assert [(r["quantize"], r["batch"]) for r in rows] == expected, out
     assert all(v > 0 for r in rows for k, v in r.items() if k not in ("quantize", "kv")), out
     assert all(r["context"] == 300 + 16 // 2 for r in rows), out  # slots read by generate's mean timed step
-    kv = {r["quantize"]: r["kv"] for r in rows}  # --kv auto: the weights' dtype, int8 for quantized weights
-    assert kv == {"none": "auto:float32", "int8": "auto:int8", "int4": "auto:int8"}, out
+    kv = {r["quantize"]: r["kv"] for r in rows}  # --kv auto: the weights' dtype, or sample.py's choice
+    auto = f"auto:{S.KV_AUTO_QUANTIZED}"
+    assert kv == {"none": "auto:float32", "int8": auto, "int4": auto}, out
     weights = {r["quantize"]: r["weights MB"] for r in rows}  # the floor counts the stored width
     assert weights["int4"] < weights["int8"] < 0.5 * weights["none"], out
     kv_mb = {int(r["batch"]): r["KV MB"] for r in rows}  # the KV slots read grow with the batch
