@@ -59,8 +59,8 @@ import player as P
 import sample as S
 import tokenizer as T
 
-FIRST_REST_MS = 250      # her first onset at most this after the earliest it can sound
-FIRST_CHORD_MS = 400     # the lead she gets to decode a first chord of 4 notes in, if that takes no longer
+FIRST_REST_MS = 150      # her first onset at most this after the earliest it can sound
+FIRST_LEAD_MS = 300      # the lead she gets to decode her first 16 notes in (an opening flourish), at most
 PRIOR_TOKENS_PER_S = 30  # the token rate before the performance shows its own (sample.py's prior)
 MIN_WINDOW = 500         # tokens of the performance the model reads at least
 SLACK = 8                # room for the <T>s that bring her first onset up to the takeover
@@ -323,10 +323,10 @@ class Duet:
                                                               T.onset_id(k * 200), T.dur_id(400))]
         st = {}
         for _ in range(2):  # the second run's times: the first pays for one-off allocations
-            self.generate(ids, 6, S.sampling_from_args(self.a, eos=False, dim=False), stats=st)
+            self.generate(ids, 12, S.sampling_from_args(self.a, eos=False, dim=False), stats=st)
         self.chunk = int(min(256, max(16, (len(ids) - 1) / st["prefill_s"] * PREFILL_SLICE_S)))
         step = 1000 * st["step_s"]  # a note takes three steps: the lead covers one at least, a chord if quick
-        self.lead_ms = max(4 * step, min(12 * step, FIRST_CHORD_MS)) + 10
+        self.lead_ms = max(4 * step, min(48 * step, FIRST_LEAD_MS)) + 10
         self.player.reset([self.a.channel])
 
     def receive(self, msg, ms):
@@ -559,6 +559,7 @@ def build_parser():
     add("--lookahead", type=float, default=3.0, help="seconds of music Aria decodes ahead of the clock at "
         "most: a buffer for dense passages and big chords (what the pianist interrupts is dropped: no delay)")
     S.add_model_args(ap)
+    ap.set_defaults(threads=max(1, (os.cpu_count() or 2) - 1))  # a core left to the player and the input
     # the official demo's README runs temperature 0.85, min-p 0.05; --seconds: music per turn
     S.add_sampling_args(ap, temp=0.85, min_p=0.05, seconds=20.0)
     return ap

@@ -111,7 +111,7 @@ class FileHuman:
         while not self.closed and not self.finished:
             self.pump()
             due = self.events[self.k][0] + self.offset if self.k < len(self.events) else math.inf
-            self.clock.sleep(min(0.01, (due - self.clock.ms()) / 1000))
+            self.clock.sleep(0.01 if self.part_end is not None else min(0.01, (due - self.clock.ms()) / 1000))
 
     def _send(self, msg, ms):
         key = (getattr(msg, "channel", 0), getattr(msg, "note", None))
