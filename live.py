@@ -50,7 +50,6 @@ import threading
 from dataclasses import dataclass
 from pathlib import Path
 
-import mido
 import torch
 
 import grammar as G
