@@ -324,7 +324,7 @@ class Duet:
         for _ in range(2):  # the second run's times: the first pays for one-off allocations
             self.generate(ids, 12, S.sampling_from_args(self.a, eos=False, dim=False), stats=st)
         self.chunk = int(min(256, max(16, (len(ids) - 1) / st["prefill_s"] * PREFILL_SLICE_S)))
-        step = 1000 * st["step_s"]  # a note takes three steps: the lead covers one at least, a chord if quick
+        step = 1000 * st["step_s"]  # three steps a note: the lead covers one, 16 where FIRST_LEAD_MS allows
         self.lead_ms = max(4 * step, min(48 * step, FIRST_LEAD_MS)) + 10
         self.player.reset([self.a.channel])
 
